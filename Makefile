@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine:
+#   make demo   -- create .venv, install plait, run the main job on the embedded default data
+#   make test   -- create .venv, install plait with its test extras, run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; install it before anything that depends on torch (see README).
+TORCH := torch==2.13.0
+
+.PHONY: demo test bench experiments clean
+
+demo: $(VENV)/.installed
+	$(BIN)/plait experiment gradient-bias --out runs/gradient-bias
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/loss_speed.py
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.created pyproject.toml
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,127 @@
+"""The similarity matrix of one batch and its weighted partition sums, duplicates included.
+
+Anchors come in two directions, stacked as rows of a (2, B) result: direction 0 anchors the
+``a`` views, direction 1 the ``b`` views.
+
+- bimodal: anchor a_r's candidates are the b_c (and vice versa); s = scale * a @ b.T, (B, B).
+- unimodal (NT-Xent): anchor v_p's candidates are all 2B views [a; b] but itself;
+  s = scale * v @ v.T, (2B, 2B).
+
+A candidate that carries the anchor's dataset index is a *positive* (the partner view; with
+duplicate indices in a batch there can be several); the anchor itself, and in unimodal mode any
+same-modality duplicate of it, is not a candidate at all; every other candidate is a *negative*.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from plait.losses._logsumexp import weighted_logsumexp
+
+
+@dataclass
+class PairBatch:
+    logits: Tensor  # (B, B) bimodal or (2B, 2B) unimodal, scaled similarities, with gradient
+    positive: Tensor  # (2, B) logit of each anchor's own pair
+    index: Tensor  # (B,) dataset indices
+    mode: str
+    unique: Tensor  # (U,) sorted distinct indices
+    inverse: Tensor  # (B,) position of each row's index in ``unique``
+    column_logits: Tensor | None = None  # bimodal only: direction 1 reads these (default: ``logits``)
+
+    @classmethod
+    def build(cls, a: Tensor, b: Tensor, scale: Tensor, index: Tensor, mode: str) -> "PairBatch":
+        unique, inverse = torch.unique(index, return_inverse=True)
+        if unique.numel() < 2:
+            raise ValueError(
+                "the batch holds a single distinct dataset index; a contrastive loss needs at "
+                "least two different items in a batch"
+            )
+        if mode == "bimodal":
+            logits = (scale * a) @ b.T
+        else:
+            views = torch.cat([a, b])
+            logits = (scale * views) @ views.T
+        # The own pair's logit, from a row-wise product rather than the matrix's diagonal, so
+        # that its gradient costs O(B d) instead of a dense (B, B) pass.
+        diagonal = scale * (a * b).sum(dim=1)
+        positive = torch.stack([diagonal, diagonal])
+        return cls(logits, positive, index, mode, unique, inverse)
+
+    def with_logits(self, rows: Tensor, columns: Tensor | None = None) -> "PairBatch":
+        """The same batch with other logits: direction 0 reads ``rows``; in bimodal mode
+        direction 1 (the anchors b_c, columns) reads ``columns`` if given."""
+        return PairBatch(rows, self.positive, self.index, self.mode, self.unique, self.inverse, columns)
+
+    @property
+    def size(self) -> int:
+        return self.index.shape[0]
+
+    @property
+    def has_duplicates(self) -> bool:
+        return self.unique.numel() < self.size
+
+    def negative_counts(self) -> Tensor:
+        """(2, B) number of in-batch negatives of each anchor."""
+        if not self.has_duplicates:
+            count = self.size - 1 if self.mode == "bimodal" else 2 * self.size - 2
+            return self.logits.new_full((2, self.size), float(count))
+        return self._masks()[2].sum(dim=-1).to(self.logits.dtype).reshape(2, -1)
+
+    def log_partition(self, positive_weight: float, negative_weight: float) -> Tensor:
+        """(2, B) log of  positive_weight * mean_{c pos} exp(s_rc) + negative_weight * mean_{c neg} exp(s_rc).
+
+        A weight of 0 drops that group. Differentiable in ``logits``.
+        """
+        log_pw = math.log(positive_weight) if positive_weight > 0 else -math.inf
+        log_nw = math.log(negative_weight) if negative_weight > 0 else -math.inf
+        if not self.has_duplicates:
+            return self._log_partition_distinct(log_pw, log_nw)
+        anchor_rows, positive, negative = self._masks()
+        n_pos = positive.sum(dim=-1, keepdim=True).clamp(min=1).to(self.logits.dtype)
+        n_neg = negative.sum(dim=-1, keepdim=True).to(self.logits.dtype)
+        log_w = torch.full_like(anchor_rows, -math.inf)
+        log_w = torch.where(positive, log_pw - n_pos.log(), log_w)
+        log_w = torch.where(negative, log_nw - n_neg.log(), log_w)
+        return torch.logsumexp(anchor_rows + log_w, dim=-1).reshape(2, -1)
+
+    def _log_partition_distinct(self, log_pw: float, log_nw: float) -> Tensor:
+        batch = self.size
+        if log_nw == -math.inf:  # positives only: each anchor has exactly one
+            return self.positive + log_pw
+        if self.mode == "bimodal":
+            log_nw -= math.log(batch - 1)
+            diagonals = ((0, log_pw),)
+            if self.column_logits is None:
+                rows, columns = weighted_logsumexp(self.logits, log_nw, diagonals)
+            else:
+                rows, _ = weighted_logsumexp(self.logits, log_nw, diagonals, columns=False)
+                _, columns = weighted_logsumexp(self.column_logits, log_nw, diagonals, rows=False)
+            return torch.stack([rows, columns])
+        log_nw -= math.log(2 * batch - 2)
+        diagonals = ((0, -math.inf), (batch, log_pw), (-batch, log_pw))
+        rows, _ = weighted_logsumexp(self.logits, log_nw, diagonals, columns=False)
+        return rows.reshape(2, batch)
+
+    def _masks(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits arranged with one anchor per row, and its positive and negative masks.
+
+        Shapes: bimodal (2B, B) (the a-anchor rows, then the b-anchor rows from the transpose),
+        unimodal (2B, 2B).
+        """
+        same = self.index[:, None] == self.index[None, :]
+        if self.mode == "bimodal":
+            columns = self.logits if self.column_logits is None else self.column_logits
+            rows = torch.cat([self.logits, columns.T])
+            positive = torch.cat([same, same])
+            return rows, positive, ~positive
+        batch = self.size
+        same_views = same.repeat(2, 2)
+        modality = torch.arange(2 * batch, device=same.device) >= batch
+        cross = modality[:, None] != modality[None, :]
+        return self.logits, same_views & cross, ~same_views
+

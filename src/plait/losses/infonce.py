@@ -1,0 +1,51 @@
+"""Minibatch InfoNCE: the CLIP loss (bimodal) and NT-Xent (unimodal)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from plait.losses._inputs import check_mode, check_temperature, prepare_pair, resolve_scale
+
+
+class InfoNCELoss(nn.Module):
+    """Minibatch InfoNCE, the loss whose small-batch gradient bias plait removes.
+
+    With s_ij = scale * <a_i, b_j> (a, b L2-normalised unless ``normalize=False``;
+    scale = ``logit_scale`` or 1/``temperature``):
+
+    - ``mode="bimodal"`` (CLIP, Radford et al. 2021; open_clip's ``ClipLoss``)::
+
+        L = 1/2 [ mean_i -log softmax_j(s_ij)[i] + mean_j -log softmax_i(s_ij)[j] ]
+
+    - ``mode="unimodal"`` (NT-Xent, SimCLR, Chen et al. 2020): the 2B views z = [a; b] are all
+      anchors; each contrasts its partner against the other 2B - 2 views::
+
+        L = mean_p -log( exp(s_{p,p+}) / sum_{q != p} exp(s_pq) )
+
+    Shapes: ``features_a``, ``features_b`` (B, d); returns a scalar.
+    """
+
+    def __init__(self, temperature: float = 0.07, mode: str = "bimodal", normalize: bool = True):
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        self.mode = check_mode(mode)
+        self.normalize = normalize
+
+    def forward(self, features_a: Tensor, features_b: Tensor, logit_scale: Tensor | float | None = None) -> Tensor:
+        a, b = prepare_pair(features_a, features_b, self.normalize)
+        scale = resolve_scale(logit_scale, self.temperature, a)
+        batch = a.shape[0]
+        if self.mode == "bimodal":
+            logits = scale * (a @ b.T)
+            labels = torch.arange(batch, device=a.device)
+            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        views = torch.cat([a, b])
+        logits = scale * (views @ views.T)
+        logits = logits.masked_fill(torch.eye(2 * batch, dtype=torch.bool, device=a.device), float("-inf"))
+        partner = torch.arange(2 * batch, device=a.device).roll(batch)
+        return F.cross_entropy(logits, partner)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, mode={self.mode!r}, normalize={self.normalize}"

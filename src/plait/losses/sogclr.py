@@ -1,0 +1,98 @@
+"""SogCLR, the per-sample moving-average baseline (Yuan et al., ICML 2022; LibAUC's GCLoss)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from plait.losses._batch import PairBatch
+from plait.losses._inputs import check_index, check_mode, check_temperature, prepare_pair, resolve_scale
+from plait.losses._state import PerSampleState
+
+
+class SogCLRLoss(PerSampleState):
+    """SogCLR: the global contrastive loss optimised with a per-sample moving average.
+
+    Yuan et al., "Provable Stochastic Optimization for Global Contrastive Learning: Small Batch
+    Does Not Harm Performance", ICML 2022. With s_ij = scale * <a_i, b_j>, the objective is::
+
+        F = mean_i log g_i,      g_i = epsilon + mean_{j in negatives of i} exp(s_ij - s_ii)
+
+    (negatives: the n - 1 other candidates, n = N bimodal or 2N - 1 unimodal). With the default
+    ``epsilon = 1/(n - 1)``, log g_i = l_i - log((n-1)/n): F is the generalised loss of
+    :class:`GammaContrastiveLoss` up to a constant, so both chase the same optimum. (LibAUC's
+    tiny epsilon drops the positive: the decoupled objective, whose optimum differs.) Per step,
+    for the anchors in the batch (update, then use, as LibAUC does)::
+
+        u_i <- (1 - gamma) u_i + gamma * gbatch_i        (the first visit takes gbatch_i)
+        gradient: grad gbatch_i / u_i,    gbatch_i = epsilon + mean_{j in batch negatives} exp(s_ij - s_ii)
+
+    It is the deterministic (shape -> inf) E-step with a moving-average rate, like
+    ``GammaContrastiveLoss(shape=inf, estimator="ema")``, but tracking the positive-shifted g_i
+    with a constant weight, updated before use. The state ``log_z`` holds log u_i per direction.
+    The returned value is mean_i log u_i + log((n-1)/n), the estimate of the generalised loss.
+
+    Shapes: ``features_a``, ``features_b`` (B, d); ``index`` (B,); returns a scalar.
+    """
+
+    def __init__(
+        self,
+        dataset_size: int,
+        gamma: float = 0.9,
+        temperature: float = 0.1,
+        mode: str = "bimodal",
+        normalize: bool = True,
+        epsilon: float | None = None,
+    ):
+        super().__init__(dataset_size)
+        if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
+            raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+        self.gamma = float(gamma)
+        self.temperature = check_temperature(temperature)
+        self.mode = check_mode(mode)
+        self.normalize = normalize
+        n = dataset_size if self.mode == "bimodal" else 2 * dataset_size - 1
+        if epsilon is not None and not (isinstance(epsilon, (int, float)) and epsilon >= 0):
+            raise ValueError(f"epsilon must be a non-negative number or None, got {epsilon!r}")
+        self.epsilon = 1.0 / (n - 1) if epsilon is None else float(epsilon)
+        self._log_offset = math.log((n - 1) / n)
+
+    def forward(
+        self, features_a: Tensor, features_b: Tensor, index: Tensor, logit_scale: Tensor | float | None = None
+    ) -> Tensor:
+        a, b = prepare_pair(features_a, features_b, self.normalize)
+        index = check_index(index, a.shape[0], self.dataset_size, a.device)
+        scale = resolve_scale(logit_scale, self.temperature, a)
+        batch = PairBatch.build(a, b, scale, index, self.mode)
+        log_gbatch = batch.log_partition(0.0, 1.0) - batch.positive  # (2, B)
+        if self.epsilon > 0:
+            log_gbatch = torch.logaddexp(log_gbatch, torch.tensor(math.log(self.epsilon), dtype=a.dtype, device=a.device))
+
+        with torch.no_grad():
+            unique, inverse = batch.unique, batch.inverse
+            fresh = self.reduce_duplicates(unique, inverse, log_gbatch.detach(), log_space=True)
+            old = self.log_z[:, unique].to(fresh.dtype)
+            first = (self.visits[unique] == 0)[None, :]
+            moved = torch.logaddexp(math.log1p(-self.gamma) + old, math.log(self.gamma) + fresh) if self.gamma < 1 else fresh
+            log_u_unique = torch.where(first, fresh, moved)
+            log_u = log_u_unique[:, inverse]
+            self.stats = {
+                "state_age": self.state_age(index).float().mean(),
+                "log_ratio": (log_gbatch.detach() - log_u).abs().mean(),
+            }
+            if self.training:
+                self.log_z[:, unique] = log_u_unique.to(self.log_z.dtype)
+                self.record_visit(unique)
+            # gbatch / u <= (duplicates) / gamma after the update: no overflow.
+            weight = (log_gbatch.detach() - log_u).exp()
+
+        surrogate = weight * (log_gbatch - log_gbatch.detach())
+        return (log_u + self._log_offset + surrogate).mean()
+
+    def extra_repr(self) -> str:
+        return (
+            f"dataset_size={self.dataset_size}, gamma={self.gamma}, temperature={self.temperature}, "
+            f"mode={self.mode!r}, epsilon={self.epsilon:.3g}"
+        )

@@ -281,3 +281,10 @@ def test_stats_report_state_age():
     loss(a[:4], b[:4], torch.arange(4))
     assert loss.stats["state_age"].item() == 2.0
     assert loss.step.item() == 3
+
+
+def test_state_on_another_device_is_named():
+    loss = GammaContrastiveLoss(10)
+    loss.log_z = loss.log_z.to("meta")
+    with pytest.raises(ValueError, match="state on meta but the features are on cpu; move the loss"):
+        loss(*_pairs(4, 3), torch.arange(4))

@@ -37,6 +37,13 @@ class PerSampleState(nn.Module):
             )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
+    def check_device(self, device: torch.device) -> None:
+        if self.log_z.device != device:
+            raise ValueError(
+                f"{type(self).__name__} keeps its per-sample state on {self.log_z.device} but the features are on "
+                f"{device}; move the loss with loss.to({str(device)!r})"
+            )
+
     def reduce_duplicates(self, unique: Tensor, inverse: Tensor, values: Tensor, log_space: bool) -> Tensor:
         """Average ``values`` (..., B) over the rows sharing a dataset index -> (..., U).
 

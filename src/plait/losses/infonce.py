@@ -33,7 +33,10 @@ class InfoNCELoss(nn.Module):
         self.mode = check_mode(mode)
         self.normalize = normalize
 
-    def forward(self, features_a: Tensor, features_b: Tensor, logit_scale: Tensor | float | None = None) -> Tensor:
+    def forward(
+        self, features_a: Tensor, features_b: Tensor, index: Tensor | None = None, logit_scale: Tensor | float | None = None
+    ) -> Tensor:
+        """``index`` is accepted for a common interface with the stateful losses, and ignored."""
         a, b = prepare_pair(features_a, features_b, self.normalize)
         scale = resolve_scale(logit_scale, self.temperature, a)
         batch = a.shape[0]

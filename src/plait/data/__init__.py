@@ -1,0 +1,32 @@
+"""Datasets of positive pairs (each item carries its index), the image cache and augmentation."""
+
+from plait.data.augment import ImageAugment, TextAugment, default_synonyms
+from plait.data.base import ImagePairDataset, PairDataset, collate_pairs, stratified_split
+from plait.data.cache import ImageCache, clear_memory_cache, decode_image, default_cache_dir, load_images
+from plait.data.digits import DigitsDataset
+from plait.data.emoji import EmojiDataset, base_of
+from plait.data.registry import build_dataset
+from plait.data.uci import UCIMultipleFeatures
+from plait.data.user import CsvPairDataset, FolderPairDataset
+
+__all__ = [
+    "CsvPairDataset",
+    "DigitsDataset",
+    "EmojiDataset",
+    "FolderPairDataset",
+    "ImageAugment",
+    "ImageCache",
+    "ImagePairDataset",
+    "PairDataset",
+    "TextAugment",
+    "UCIMultipleFeatures",
+    "base_of",
+    "build_dataset",
+    "clear_memory_cache",
+    "collate_pairs",
+    "decode_image",
+    "default_cache_dir",
+    "default_synonyms",
+    "load_images",
+    "stratified_split",
+]

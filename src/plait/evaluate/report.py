@@ -1,0 +1,378 @@
+"""Run reports: loss curves, metric table and retrieval gallery of a run directory; run comparisons.
+
+A run directory holds (all optional except that a report of nothing is empty):
+
+- ``metrics.jsonl``: one JSON object per line; training lines carry ``step``, ``epoch``, ``loss``,
+  ``lr``, ``samples_per_s``; evaluation lines carry ``step``, ``"split": "eval"`` and metrics.
+- ``eval.json``: ``{"dataset": ..., "metrics": {name: value}, ...}``, the final metrics.
+- ``config.yaml``: shown verbatim.
+- ``gallery.npz``: ``images`` uint8 (n, H, W, 3), ``captions`` (n, 5) str (top-5 retrieved),
+  ``truth`` (n,) str (the true caption), optionally ``correct`` (n, 5) bool.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+import textwrap
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+IDENTITY_FIELDS = ("name", "loss", "batch_size")
+_NOT_METRICS = {"step", "epoch", "split", "lr", "samples_per_s", "time", "wall_time", "elapsed_s"}
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """(training lines, evaluation lines) of ``metrics.jsonl``; unreadable lines are skipped with a warning."""
+    path = Path(run_dir) / "metrics.jsonl"
+    train, evals = [], []
+    if not path.is_file():
+        return train, evals
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}:{number} is not valid JSON; skipped", stacklevel=2)
+            continue
+        if not isinstance(record, dict):
+            continue
+        (evals if record.get("split") == "eval" else train).append(record)
+    return train, evals
+
+
+def _flatten(metrics: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def read_eval(run_dir: str | Path) -> tuple[dict, dict]:
+    """(final metrics, other eval.json fields) of a run.
+
+    Without ``eval.json`` the metrics of the last evaluation line of ``metrics.jsonl`` are used.
+    """
+    path = Path(run_dir) / "eval.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            warnings.warn(f"{path} is not valid JSON ({error}); ignored", stacklevel=2)
+            data = None
+        if isinstance(data, dict):
+            metrics = data.get("metrics", {})
+            fields = {key: value for key, value in data.items() if key != "metrics"}
+            return (_flatten(metrics) if isinstance(metrics, dict) else {}), fields
+    _, evals = read_metrics(run_dir)
+    if evals:
+        return {key: value for key, value in evals[-1].items() if key not in _NOT_METRICS}, {}
+    return {}, {}
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _format_value(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e6 else f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _format_metric(metrics: dict, key: str) -> str:
+    """The value of ``key``, as ``mean ± std`` when ``{key}_std`` is present; ``-`` when missing."""
+    if key not in metrics:
+        return "-"
+    text = _format_value(metrics[key])
+    if f"{key}_std" in metrics:
+        text += f" ± {_format_value(metrics[f'{key}_std'])}"
+    return text
+
+
+def _metric_keys(metrics: dict) -> list[str]:
+    """Keys to show: a ``{key}_std`` whose ``key`` exists is folded into that key's row."""
+    return [key for key in metrics if not (key.endswith("_std") and key[: -len("_std")] in metrics)]
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n"
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def plot_curves(train: list[dict], evals: list[dict], path: Path) -> Path | None:
+    """Training loss against step (left) and evaluation metrics in [0, 1] against step (right)."""
+    from matplotlib.figure import Figure
+
+    points = [(r["step"], r["loss"]) for r in train if _is_number(r.get("step")) and _is_number(r.get("loss"))]
+    eval_loss = [(r["step"], r["loss"]) for r in evals if _is_number(r.get("step")) and _is_number(r.get("loss"))]
+    series: dict[str, list] = {}
+    for record in evals:
+        if not _is_number(record.get("step")):
+            continue
+        for key, value in record.items():
+            if key not in _NOT_METRICS and key != "loss" and _is_number(value):
+                series.setdefault(key, []).append((record["step"], value))
+    series = {k: v for k, v in series.items() if all(0.0 <= y <= 1.0 for _, y in v)}
+    if not points and not eval_loss and not series:
+        return None
+    figure = Figure(figsize=(11 if series else 6, 4), layout="constrained")
+    axes = figure.subplots(1, 2 if series else 1, squeeze=False)[0]
+    ax = axes[0]
+    if points:
+        steps, losses = np.array(points, dtype=float).T
+        ax.plot(steps, losses, color="tab:blue", alpha=0.35 if len(losses) > 50 else 1.0, lw=1, label="train loss")
+        if len(losses) > 50:
+            width = max(len(losses) // 50, 2)
+            smooth = np.convolve(losses, np.ones(width) / width, mode="valid")
+            ax.plot(steps[width - 1 :], smooth, color="tab:blue", lw=2, label=f"train loss ({width}-step mean)")
+    if eval_loss:
+        steps, losses = np.array(eval_loss, dtype=float).T
+        ax.plot(steps, losses, "o-", color="tab:orange", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    if series:
+        ax = axes[1]
+        for key, values in sorted(series.items()):
+            steps, ys = np.array(values, dtype=float).T
+            ax.plot(steps, ys, "o-", ms=3, label=key)
+        ax.set_xlabel("step")
+        ax.set_title("evaluation")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small", ncol=2 if len(series) > 8 else 1)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def read_gallery(path: Path) -> dict | None:
+    """``gallery.npz`` as numpy arrays (``images``, ``captions``, ``truth``, ``correct``), or None."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            images, captions, truth = data["images"], data["captions"].astype(str), data["truth"].astype(str)
+            correct = data["correct"].astype(bool) if "correct" in data.files else captions == truth[:, None]
+    except (KeyError, ValueError, OSError) as error:
+        warnings.warn(f"{path} could not be read ({error}); gallery skipped", stacklevel=2)
+        return None
+    if captions.ndim != 2 or len(images) != len(captions) or len(truth) != len(captions) or correct.shape != captions.shape:
+        warnings.warn(
+            f"{path}: images {images.shape}, captions {captions.shape}, truth {truth.shape} do not line up; gallery skipped",
+            stacklevel=2,
+        )
+        return None
+    return {"images": images, "captions": captions, "truth": truth, "correct": correct}
+
+
+def plot_gallery(gallery: dict, path: Path, max_items: int = 16) -> Path | None:
+    """Each query image beside its retrieved captions, best first; correct ones green and bold."""
+    from matplotlib.figure import Figure
+
+    n = min(len(gallery["images"]), max_items)
+    if n == 0:
+        return None
+    figure = Figure(figsize=(11, 1.9 * n), layout="constrained")
+    axes = figure.subplots(n, 2, squeeze=False, gridspec_kw={"width_ratios": [1, 5]})
+    for row in range(n):
+        image = np.asarray(gallery["images"][row])
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        axes[row, 0].imshow(image, cmap="gray" if image.ndim == 2 else None)
+        axes[row, 0].set_axis_off()
+        text_ax = axes[row, 1]
+        text_ax.set_axis_off()
+        captions, correct = gallery["captions"][row], gallery["correct"][row]
+        lines = len(captions) + (0 if correct.any() else 1)
+        for rank, (caption, hit) in enumerate(zip(captions, correct), start=1):
+            label = f"{rank}. {textwrap.shorten(str(caption), 110, placeholder='...')}" + ("   (correct)" if hit else "")
+            text_ax.text(
+                0.0, 1 - (rank - 0.5) / lines, label, va="center", fontsize=9,
+                color="green" if hit else "black", fontweight="bold" if hit else "normal", transform=text_ax.transAxes,
+            )
+        if not correct.any():
+            truth = textwrap.shorten(str(gallery["truth"][row]), 104, placeholder="...")
+            text_ax.text(
+                0.0, 0.5 / lines, f"truth: {truth}", va="center", fontsize=9, color="firebrick", style="italic",
+                transform=text_ax.transAxes,
+            )
+    figure.savefig(path, dpi=100)
+    return path
+
+
+# ---------------------------------------------------------------- report
+
+
+def _embed(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any run of backticks in ``text``."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def write_report(run_dir: str | Path, fmt: str = "md", max_gallery: int = 16) -> Path:
+    """Write ``report.md`` (or a self-contained ``report.html``) into ``run_dir`` and return its path.
+
+    It shows the loss curves (``loss.png``), the final metric table, the retrieval gallery
+    (``gallery.png``, first ``max_gallery`` queries) and ``config.yaml``; missing inputs are left out.
+    """
+    if fmt not in ("md", "html"):
+        raise ValueError(f"fmt must be 'md' or 'html', got {fmt!r}")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run_dir {str(run_dir)!r} is not a directory")
+    train, evals = read_metrics(run_dir)
+    metrics, fields = read_eval(run_dir)
+    blocks: list[tuple] = [("h1", f"Run report: {run_dir.resolve().name}")]
+
+    if fields:
+        blocks.append(("table", ("field", "value"), [(key, _format_value(value)) for key, value in fields.items()]))
+    if train:
+        last = train[-1]
+        summary = ", ".join(f"{key} {_format_value(last[key])}" for key in ("step", "epoch", "loss", "lr", "samples_per_s") if key in last)
+        blocks.append(("p", f"{len(train)} training records; last: {summary}."))
+
+    blocks.append(("h2", "Training curves"))
+    curves = plot_curves(train, evals, run_dir / "loss.png")
+    blocks.append(("image", curves, "loss curves") if curves else ("p", "No training metrics (metrics.jsonl) found."))
+
+    blocks.append(("h2", "Metrics"))
+    if metrics:
+        blocks.append(("table", ("metric", "value"), [(key, _format_metric(metrics, key)) for key in _metric_keys(metrics)]))
+    else:
+        blocks.append(("p", "No final metrics (eval.json) found."))
+
+    gallery = read_gallery(run_dir / "gallery.npz")
+    if gallery is not None:
+        picture = plot_gallery(gallery, run_dir / "gallery.png", max_gallery)
+        if picture is not None:
+            hits = int(gallery["correct"].any(axis=1).sum())
+            blocks.append(("h2", "Retrieval gallery"))
+            blocks.append(
+                ("p", f"Top-{gallery['captions'].shape[1]} captions retrieved for each query image, best first; "
+                      f"the true caption (green, bold) is among them for {hits} of {len(gallery['captions'])} queries.")
+            )
+            blocks.append(("image", picture, "retrieval gallery"))
+
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        blocks.append(("h2", "Configuration"))
+        blocks.append(("code", "config.yaml", config.read_text(encoding="utf-8")))
+
+    out = run_dir / f"report.{fmt}"
+    out.write_text(_render_md(blocks) if fmt == "md" else _render_html(blocks, run_dir.resolve().name), encoding="utf-8")
+    return out
+
+
+def _render_md(blocks: list[tuple]) -> str:
+    parts = []
+    for kind, *args in blocks:
+        if kind == "h1":
+            parts.append(f"# {args[0]}\n")
+        elif kind == "h2":
+            parts.append(f"## {args[0]}\n")
+        elif kind == "p":
+            parts.append(f"{args[0]}\n")
+        elif kind == "table":
+            parts.append(_markdown_table(*args))
+        elif kind == "image":
+            parts.append(f"![{args[1]}]({args[0].name})\n")
+        elif kind == "code":
+            fence = _fence(args[1])
+            parts.append(f"<details><summary>{args[0]}</summary>\n\n{fence}yaml\n{args[1].rstrip()}\n{fence}\n\n</details>\n")
+    return "\n".join(parts)
+
+
+_STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+    "img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto}"
+)
+
+
+def _render_html(blocks: list[tuple], title: str) -> str:
+    parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_STYLE}</style></head><body>"]
+    for kind, *args in blocks:
+        if kind in ("h1", "h2", "p"):
+            parts.append(f"<{kind}>{html.escape(args[0])}</{kind}>")
+        elif kind == "table":
+            parts.append(_html_table(*args))
+        elif kind == "image":
+            parts.append(f"<img alt='{html.escape(args[1])}' src='{_embed(args[0])}'>")
+        elif kind == "code":
+            parts.append(f"<details><summary>{html.escape(args[0])}</summary><pre>{html.escape(args[1])}</pre></details>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- comparison
+
+
+def compare_runs(run_dirs: Sequence[str | Path], metric_keys: Sequence[str] | None = None) -> str:
+    """A markdown table, one row per run: its directory name, the ``name``/``loss``/``batch_size``
+    fields of its eval.json (columns shown when any run has them) and ``metric_keys`` (all metrics
+    seen, in order, when None). A metric with a ``{key}_std`` companion shows as ``mean ± std``;
+    a missing value as ``-``.
+    """
+    if isinstance(run_dirs, (str, Path)):
+        run_dirs = [run_dirs]
+    runs = []
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise ValueError(f"run directory {str(run_dir)!r} does not exist")
+        runs.append((run_dir.resolve().name, *read_eval(run_dir)))
+    if metric_keys is None:
+        metric_keys = list(dict.fromkeys(key for _, metrics, _ in runs for key in _metric_keys(metrics)))
+    elif isinstance(metric_keys, str):
+        metric_keys = [metric_keys]
+    identity = [field for field in IDENTITY_FIELDS if any(field in fields for _, _, fields in runs)]
+    header = ["run", *identity, *metric_keys]
+    rows = [
+        [name, *(_format_value(fields[f]) if f in fields else "-" for f in identity), *(_format_metric(m, k) for k in metric_keys)]
+        for name, m, fields in runs
+    ]
+    return _markdown_table(header, rows)

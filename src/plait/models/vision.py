@@ -1,0 +1,72 @@
+"""Image (and vector) towers small enough to train on two CPU cores."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class MLPEncoder(nn.Module):
+    """Flatten, then Linear-GELU blocks: (B, ...) -> (B, out_dim). For vectors or tiny images."""
+
+    def __init__(self, in_dim: int, out_dim: int = 256, hidden: tuple[int, ...] = (512,), dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_dim
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.LayerNorm(size), nn.GELU(), nn.Dropout(dropout)]
+            width = size
+        layers.append(nn.Linear(width, out_dim))
+        self.net = nn.Sequential(*layers)
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-GELU stages (widths w, 2w, 4w), each halving the resolution, then global
+    average pooling and a linear layer: (B, 3, H, W) -> (B, out_dim)."""
+
+    def __init__(self, out_dim: int = 256, width: int = 32, in_channels: int = 3):
+        super().__init__()
+        stages, channels = [], in_channels
+        for factor in (1, 2, 4):
+            stages += [
+                nn.Conv2d(channels, width * factor, 3, padding=1, bias=False), nn.BatchNorm2d(width * factor), nn.GELU(),
+                nn.Conv2d(width * factor, width * factor, 3, padding=1, bias=False), nn.BatchNorm2d(width * factor), nn.GELU(),
+                nn.MaxPool2d(2),
+            ]
+            channels = width * factor
+        self.features = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(channels, out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class SmallViT(nn.Module):
+    """A small vision transformer: patches of ``patch`` pixels, a class token, pre-norm blocks:
+    (B, 3, H, W) -> (B, out_dim) from the class token."""
+
+    def __init__(self, image_size: int = 32, out_dim: int = 256, patch: int = 4, width: int = 128, depth: int = 4,
+                 heads: int = 4, dropout: float = 0.0):
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}")
+        self.patchify = nn.Conv2d(3, width, patch, stride=patch)
+        tokens = (image_size // patch) ** 2 + 1
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.position = nn.Parameter(torch.zeros(1, tokens, width))
+        nn.init.normal_(self.position, std=0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout, activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        patches = self.patchify(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(len(patches), -1, -1), patches], dim=1) + self.position
+        return self.head(self.norm(self.blocks(x))[:, 0])

@@ -1,0 +1,81 @@
+"""Device, precision and random state: the one place that knows where a run executes.
+
+(torchrun / DDP process-group handling will live beside this, in ``plait.distributed``.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA if available, else CPU; otherwise the named device (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.precision``: auto -> bf16 on CUDA, none (fp32) on CPU."""
+    choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision not in choices:
+        raise ValueError(f"train.precision must be one of auto, fp32, bf16, fp16, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs CUDA; use bf16 or fp32 on the CPU")
+    return choices[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def rng_state() -> dict:
+    """Every global random state, as tensors and plain values (loadable with weights_only)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached"]))
+    random.setstate(_as_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    if isinstance(value, list):
+        return tuple(_as_tuples(v) for v in value)
+    if isinstance(value, tuple):
+        return tuple(_as_tuples(v) for v in value)
+    return value

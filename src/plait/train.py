@@ -1,0 +1,315 @@
+"""The trainer: one loop for every loss, model and dataset of a config.
+
+    plait train configs/emoji_gamma.yaml data.batch_size=32 [--resume]
+
+Each step: a batch (index, view_a, view_b) in a resumable seeded order -> augmentation ->
+two-tower model -> loss(z_a, z_b, index=index, logit_scale=scale) -> AdamW with warm-up +
+cosine schedule and gradient clipping. Logs go to ``metrics.jsonl`` (and TensorBoard if asked),
+evaluations to ``eval.json``, checkpoints to ``checkpoint.pt`` (atomic), final weights to
+``model.safetensors``. The loss is reached through one interface only:
+``loss(features_a, features_b, index=..., logit_scale=...)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from plait import runtime
+from plait.checkpoint import export_weights, load_checkpoint, save_checkpoint
+from plait.config import to_yaml
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch that can start mid-epoch: the data order is a pure
+    function of (seed, epoch), so resuming at (epoch, batch) replays it exactly."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator)
+        return iter(order[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.size - self.start
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """lr multiplier: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms, embeddings' gains and the logit scale
+    (as open_clip does)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim < 2 or "logit_scale" in name or "position" in name or name.endswith(".cls"):
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_training_loss(config: DictConfig, dataset_size: int) -> nn.Module:
+    from plait.losses import build_loss
+    from plait.losses.registry import LOSSES, ALIASES
+
+    options = OmegaConf.to_container(config.loss.options, resolve=True) or {}
+    key = ALIASES.get(config.loss.name.lower(), config.loss.name.lower())
+    if key in LOSSES and "dataset_size" in inspect.signature(LOSSES[key].__init__).parameters:
+        options.setdefault("dataset_size", dataset_size)
+    if key in LOSSES and "seed" in inspect.signature(LOSSES[key].__init__).parameters:
+        options.setdefault("seed", config.seed)
+    return build_loss(config.loss.name, **options)
+
+
+class Trainer:
+    """Builds everything a config names and runs (or resumes) it."""
+
+    def __init__(self, config: DictConfig, run_dir: str | Path | None = None):
+        from plait.data import build_dataset
+        from plait.models import build_model
+
+        self.config = config
+        self.run_dir = Path(run_dir or config.output_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        runtime.seed_everything(config.seed, config.train.deterministic)
+        self.device = runtime.select_device(config.train.device)
+        self.amp_dtype = runtime.autocast_dtype(config.train.precision, self.device)
+
+        options = OmegaConf.to_container(config.data.options, resolve=True) or {}
+        self.train_set = build_dataset(config.data.name, split="train", **options)
+        self.test_set = build_dataset(config.data.name, split="test", **options)
+        if hasattr(self.train_set, "write_skipped"):
+            self.train_set.write_skipped(self.run_dir)
+        batch_size = config.data.batch_size
+        if not 2 <= batch_size <= len(self.train_set):
+            raise ValueError(f"data.batch_size={batch_size} must be in [2, {len(self.train_set)}] (the training set size)")
+
+        self.model = build_model(OmegaConf.to_container(config.model, resolve=True), self.train_set).to(self.device)
+        self.loss_fn = build_training_loss(config, len(self.train_set)).to(self.device)
+        self.sampler = EpochSampler(len(self.train_set), config.seed)
+        self.loader = torch.utils.data.DataLoader(
+            self.train_set, batch_size=batch_size, sampler=self.sampler, drop_last=True,
+            num_workers=config.data.num_workers, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG out of the data order
+        )
+        self.steps_per_epoch = len(self.train_set) // batch_size
+        total = config.optim.epochs * self.steps_per_epoch
+        if config.optim.max_steps:
+            total = min(total, config.optim.max_steps)
+        self.total_steps = total
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, config.optim.weight_decay), lr=config.optim.lr,
+            betas=tuple(config.optim.betas), eps=config.optim.eps, fused=self.device.type in ("cpu", "cuda"),
+        )  # the fused kernel: 4x faster than the loop on a 2M-row embedding table (CPU)
+        warmup = max(1, int(config.optim.warmup_fraction * self.steps_per_epoch * config.optim.epochs))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.steps_per_epoch * config.optim.epochs, warmup))
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.image_augment, self.text_augment = self._augmenters()
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self._writer = None
+
+    # ------------------------------------------------------------------------------ pieces
+    def _augmenters(self):
+        from plait.data import ImageAugment, TextAugment
+
+        augment = self.config.data.augment
+        image = text = None
+        if augment.image and self.train_set.modalities[0] == "image":
+            options = OmegaConf.to_container(augment.image_options, resolve=True) or {}
+            options.setdefault("seed", self.config.seed)
+            image = ImageAugment(image_size=self.train_set.image_size, **options).to(self.device)
+        if augment.text and self.train_set.modalities[1] == "text":
+            options = OmegaConf.to_container(augment.text_options, resolve=True) or {}
+            options.setdefault("seed", self.config.seed)
+            text = TextAugment(**options)
+        return image, text
+
+    def _prepare(self, index, a, b):
+        a = a.to(self.device, non_blocking=True) if torch.is_tensor(a) else a
+        b = b.to(self.device, non_blocking=True) if torch.is_tensor(b) else b
+        if self.image_augment is not None:
+            a = self.image_augment(a)
+        if self.text_augment is not None:
+            alternatives = [self.train_set.alternatives[i] for i in index.tolist()] if self.train_set.alternatives else None
+            b = self.text_augment(list(b), alternatives)
+        return index.to(self.device), a, b
+
+    def train_step(self, index, a, b) -> torch.Tensor:
+        index, a, b = self._prepare(index, a, b)
+        self.model.train()
+        self.loss_fn.train()
+        with runtime.autocast(self.device, self.amp_dtype):
+            za, zb, scale = self.model(a, b)
+        loss = self.loss_fn(za.float(), zb.float(), index=index, logit_scale=scale.float())
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.config.optim.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach()
+
+    # ------------------------------------------------------------------------------ state
+    def state(self) -> dict:
+        augment = {}
+        if self.image_augment is not None:
+            augment["image"] = self.image_augment.get_state()
+        if self.text_augment is not None:
+            augment["text"] = self.text_augment.get_state()
+        return {
+            "config": to_yaml(self.config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "rng": runtime.rng_state(),
+            "augment": augment,
+            "progress": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loss_fn.load_state_dict(state["loss"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if "image" in state["augment"] and self.image_augment is not None:
+            self.image_augment.set_state(state["augment"]["image"])
+        if "text" in state["augment"] and self.text_augment is not None:
+            self.text_augment.set_state(state["augment"]["text"])
+        runtime.set_rng_state(state["rng"])
+        progress = state["progress"]
+        self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir / "checkpoint.pt", self.state())
+
+    def resume(self, path: str | Path | None = None) -> None:
+        path = Path(path) if path else self.run_dir / "checkpoint.pt"
+        self.load_state(load_checkpoint(path, map_location=self.device))
+
+    # ------------------------------------------------------------------------------ logging
+    def log(self, record: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.config.train.tensorboard:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            prefix = "eval/" if record.get("split") == "eval" else "train/"
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self._writer.add_scalar(prefix + key, value, record["step"])
+
+    # ------------------------------------------------------------------------------ loops
+    def fit(self) -> dict:
+        """Train to the end of the schedule (from where a resumed run stopped), save, export and
+        evaluate."""
+        (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
+        self.train_until(self.total_steps)
+        return self.finish()
+
+    def train_until(self, total_steps: int) -> None:
+        """The training loop alone, up to ``total_steps`` steps in all."""
+        from tqdm import tqdm
+
+        config = self.config
+        bar = tqdm(total=total_steps, initial=self.step, disable=not config.train.progress, desc=config.name,
+                   unit="step", dynamic_ncols=True)
+        window_start, window_samples, running = time.perf_counter(), 0, []
+        while self.step < total_steps:
+            self.sampler.set_position(self.epoch, self.batch_in_epoch * config.data.batch_size)
+            for index, a, b in self.loader:
+                loss = self.train_step(index, a, b)
+                self.step += 1
+                self.batch_in_epoch += 1
+                window_samples += len(index)
+                running.append(loss)
+                bar.update()
+                if self.step % config.train.log_every == 0 or self.step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "step": self.step, "epoch": self.epoch, "loss": torch.stack(running).mean().item(),
+                        "lr": self.scheduler.get_last_lr()[0], "logit_scale": self.model.scale().item(),
+                        "samples_per_s": window_samples / max(elapsed, 1e-9),
+                    }
+                    for key, value in getattr(self.loss_fn, "stats", {}).items():
+                        record[key] = float(value)
+                    self.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", samples_per_s=f"{record['samples_per_s']:.0f}")
+                    window_start, window_samples, running = time.perf_counter(), 0, []
+                if config.train.checkpoint_every_steps and self.step % config.train.checkpoint_every_steps == 0:
+                    self.save()
+                if self.step >= total_steps:
+                    break
+            else:  # the epoch ran to its end
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                if config.train.eval_every_epochs and self.epoch % config.train.eval_every_epochs == 0 and self.step < total_steps:
+                    self.log({"step": self.step, "epoch": self.epoch, "split": "eval", **self.evaluate(write=False)})
+                if config.train.checkpoint_every_epochs and self.epoch % config.train.checkpoint_every_epochs == 0:
+                    self.save()
+        bar.close()
+
+    def finish(self) -> dict:
+        config = self.config
+        self.save()
+        export_weights(self.model, self.run_dir / "model.safetensors", to_yaml(config))
+        metrics = self.evaluate(write=True)
+        self.log({"step": self.step, "epoch": self.epoch, "split": "eval", **metrics})
+        if self._writer is not None:
+            self._writer.close()
+        return metrics
+
+    def evaluate(self, write: bool) -> dict:
+        from plait.evaluate.suite import evaluate_model
+
+        return evaluate_model(
+            self.model, self.train_set, self.test_set, self.config.eval, self.device,
+            run_dir=self.run_dir if write else None,
+            info={"name": self.config.name, "dataset": self.config.data.name, "loss": self.config.loss.name,
+                  "batch_size": self.config.data.batch_size, "steps": self.step},
+        )
+
+
+def train(config: DictConfig, resume: bool | str = False) -> dict:
+    trainer = Trainer(config)
+    if resume:
+        trainer.resume(None if resume is True else resume)
+    return trainer.fit()

@@ -1,0 +1,125 @@
+"""The trainer end to end on the tiny config: CLI, resume, checkpoints, export."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from plait.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from plait.cli import main
+from plait.config import load_config
+from plait.train import EpochSampler, Trainer, warmup_cosine
+
+
+def _config(tmp_path, *overrides):
+    return load_config("tiny", [f"output_dir={tmp_path}", *overrides])
+
+
+def test_cli_trains_and_evaluates_tiny_config_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "tiny", f"output_dir={run}", "loss.name=gamma"]) == 0
+    for name in ("checkpoint.pt", "model.safetensors", "config.yaml", "metrics.jsonl", "eval.json", "report.md", "loss.png", "gallery.png"):
+        assert (run / name).stat().st_size > 0, name
+    trained = json.loads((run / "eval.json").read_text())["metrics"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+    assert all(r["samples_per_s"] > 0 and r["lr"] > 0 for r in records if "loss" in r)
+    # plait eval on the exported weights reproduces the end-of-training metrics exactly
+    capsys.readouterr()
+    assert main(["eval", str(run / "model.safetensors"), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "eval.json").read_text())["metrics"]
+    assert again == trained
+    assert 0.0 <= trained["lp_acc1"] <= 1.0 and "zeroshot_acc1" in trained and "image_retrieval_recall@1" in trained
+
+
+def test_bad_config_is_reported_with_the_key(tmp_path, capsys):
+    assert main(["train", "tiny", f"output_dir={tmp_path}", "data.batchsize=3"]) == 2
+    assert "batchsize" in capsys.readouterr().err
+    assert main(["train", "nonexistent.yaml"]) == 2
+    assert "nonexistent.yaml does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loss", ["gamma", "infonce", "sogclr"])
+def test_resume_after_k_steps_is_bitwise_identical(tmp_path, loss):
+    """Stop after 3 steps (checkpoint), resume to 7: the same parameters, bit for bit, as 7 steps
+    in one go (CPU, deterministic mode); loss state, optimiser, schedule, RNG and data order all
+    come back from the checkpoint."""
+    common = [f"loss.name={loss}", "train.deterministic=true", "optim.epochs=2", "data.batch_size=256",
+              "data.augment.image=true", "data.augment.text=true", "eval.tasks=[retrieval]"]
+    straight = Trainer(_config(tmp_path / "a", *common, "optim.max_steps=7"))
+    straight.train_until(7)
+
+    first = Trainer(_config(tmp_path / "b", *common, "optim.max_steps=3"))
+    first.train_until(3)
+    first.save()
+    resumed = Trainer(_config(tmp_path / "b", *common, "optim.max_steps=7"))
+    resumed.resume()
+    assert resumed.step == 3
+    resumed.train_until(7)
+    for (name, x), y in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(x, y), name
+    for (name, x), y in zip(straight.loss_fn.state_dict().items(), resumed.loss_fn.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert straight.steps_per_epoch < 7  # the run crossed an epoch boundary after resuming
+
+
+def test_interrupted_checkpoint_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(_config(tmp_path, "optim.max_steps=2"))
+    trainer.train_until(2)
+    trainer.save()
+    before = load_checkpoint(tmp_path / "checkpoint.pt")
+    trainer.train_until(4) if trainer.total_steps >= 4 else None
+
+    real_save = torch.save
+
+    def dying_save(obj, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    monkeypatch.setattr(torch, "save", real_save)
+    after = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert after["progress"] == before["progress"]
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_loading_never_unpickles_arbitrary_objects(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"format": "plait-checkpoint-1", "model": Exploit()}, handle)
+    with pytest.raises(ValueError, match="not a loadable plait checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    save_checkpoint(tmp_path / "other.pt", {"format": "x"})
+    with pytest.raises(ValueError, match="not a plait checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="no plait config"):
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+        load_weights(tmp_path / "w.safetensors")
+
+
+def test_sampler_order_is_a_function_of_seed_and_epoch():
+    sampler = EpochSampler(10, seed=3)
+    sampler.set_position(2, 0)
+    full = list(sampler)
+    sampler.set_position(2, 4)
+    assert list(sampler) == full[4:]
+    sampler.set_position(3, 0)
+    assert list(sampler) != full and sorted(full) == list(range(10))
+
+
+def test_warmup_cosine_schedule():
+    factor = warmup_cosine(total_steps=10, warmup_steps=2)
+    assert [round(factor(s), 6) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]

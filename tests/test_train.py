@@ -73,9 +73,8 @@ def test_interrupted_checkpoint_write_keeps_previous_checkpoint(tmp_path, monkey
 
     real_save = torch.save
 
-    def dying_save(obj, path, *args, **kwargs):
-        with open(path, "wb") as handle:
-            handle.write(b"half a checkpoint")
+    def dying_save(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")
         raise KeyboardInterrupt("power cut")
 
     monkeypatch.setattr(torch, "save", dying_save)
@@ -123,3 +122,28 @@ def test_sampler_order_is_a_function_of_seed_and_epoch():
 def test_warmup_cosine_schedule():
     factor = warmup_cosine(total_steps=10, warmup_steps=2)
     assert [round(factor(s), 6) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_user_csv_data_with_a_bad_row_trains_and_lists_the_skip(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "data"
+    images.mkdir()
+    rows = ["picture,caption"]
+    for i in range(24):
+        Image.new("RGB", (10, 10), color=(10 * i, 255 - 10 * i, 128)).save(images / f"{i}.png")
+        rows.append(f"data/{i}.png,colour swatch number {i}")
+    rows.append("data/missing.png,a row whose image is gone")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    assert main(["train", "tiny", f"output_dir={run}", "data.name=csv", f"data.options.path={tmp_path / 'pairs.csv'}",
+                 "data.options.image_column=picture", "data.options.text_column=caption", "data.options.image_size=8",
+                 "data.options.bad_rows=skip", "data.options.test_fraction=0.25", "data.batch_size=6",
+                 "eval.tasks=[retrieval]", "train.tensorboard=true"]) == 0
+    skipped = json.loads((run / "skipped_rows.json").read_text())
+    assert skipped["count"] == 1 and "missing.png" in skipped["skipped"][0]["reason"] and skipped["skipped"][0]["row"] == 25
+    assert "image_retrieval_recall@1" in json.loads((run / "eval.json").read_text())["metrics"]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # the default policy stops at the bad row and names it
+    assert main(["train", "tiny", f"output_dir={tmp_path / 'strict'}", "data.name=csv", f"data.options.path={tmp_path / 'pairs.csv'}",
+                 "data.options.image_column=picture", "data.options.text_column=caption"]) == 2

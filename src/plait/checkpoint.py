@@ -1,8 +1,8 @@
 """Checkpoints and exported weights.
 
 - ``save_checkpoint``: everything a run needs to resume (model, optimiser, scheduler, loss
-  state, random states, data position, config), written atomically: a temporary file in the
-  same folder, fsynced, then ``os.replace``; an interrupted write leaves the previous file whole.
+  state, random states, data position, config), written atomically (``plait.atomic``): an
+  interrupted write leaves the previous file whole.
 - ``load_checkpoint``: ``torch.load(weights_only=True)``, so a checkpoint can never run code.
 - ``export_weights`` / ``load_weights``: the model's tensors as safetensors, with the run's
   config in the file's metadata.
@@ -10,34 +10,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from plait.atomic import atomic_write
+
 FORMAT = "plait-checkpoint-1"
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` only if it succeeded."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
     payload = {"format": FORMAT, **state}
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -55,10 +40,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 def export_weights(model: nn.Module, path: str | Path, config_yaml: str) -> Path:
     """The model's parameters and buffers as safetensors, with ``config`` in the metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in model.state_dict().items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "plait-weights-1", "config": config_yaml}))
+    data = save(tensors, metadata={"format": "plait-weights-1", "config": config_yaml})
+    return atomic_write(path, lambda handle: handle.write(data))
 
 
 def load_weights(path: str | Path) -> tuple[dict, str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from plait.atomic import atomic_write
 
 CACHE_VERSION = "1"  # bump when decoding changes, so old cache files are not reused
 MEMORY_BUNDLES = 8
@@ -68,21 +69,6 @@ def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
     left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
     image = image.crop((left, top, left + image_size, top + image_size))
     return np.asarray(image, dtype=np.uint8).copy()
-
-
-def _atomic_write(target: Path, write) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _image_key(path: Path, image_size: int) -> tuple[str | None, str]:
@@ -213,7 +199,7 @@ class ImageCache:
         if file is None:
             return
         try:
-            _atomic_write(file, write)
+            atomic_write(file, write)
         except OSError as exc:
             if not self._warned:
                 warnings.warn(f"plait: cannot write the image cache in {self.directory} ({exc}); continuing without it")

@@ -36,6 +36,8 @@ import numpy as np
 from plait.data.base import ImagePairDataset, check_split
 from plait.data.cache import ImageCache, to_tensor
 
+from plait.atomic import atomic_write_text
+
 BAD_ROWS = ("error", "skip")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SKIPPED_FILE = "skipped_rows.json"
@@ -141,10 +143,7 @@ class _UserDataset(ImagePairDataset):
         run_dir.mkdir(parents=True, exist_ok=True)
         target = run_dir / SKIPPED_FILE
         report = {"source": str(self.source), "bad_rows": self.bad_rows, "count": len(self.skipped), "skipped": self.skipped}
-        tmp = target.with_name(f".{SKIPPED_FILE}.tmp")
-        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
-        return target
+        return atomic_write_text(target, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.source)!r}, split={self.split!r}, size={len(self)}, skipped={len(self.skipped)})"

@@ -1,6 +1,7 @@
 """The trainer end to end on the tiny config: CLI, resume, checkpoints, export."""
 
 import json
+import math
 import pickle
 
 import pytest
@@ -147,3 +148,22 @@ def test_user_csv_data_with_a_bad_row_trains_and_lists_the_skip(tmp_path):
     # the default policy stops at the bad row and names it
     assert main(["train", "tiny", f"output_dir={tmp_path / 'strict'}", "data.name=csv", f"data.options.path={tmp_path / 'pairs.csv'}",
                  "data.options.image_column=picture", "data.options.text_column=caption"]) == 2
+
+
+@pytest.mark.parametrize("regularizers", [
+    "[{name: separation, weight: 0.1}]", "[{name: bridge, weight: 0.1, t: 0.25}]",
+    "[{name: consistency, weight: 0.5}]", "[{name: sep, weight: 0.1}, {name: br, weight: 0.1, t: uniform}, {name: gc, weight: 0.5}]",
+])
+def test_each_regularizer_with_the_gamma_loss_trains_end_to_end(tmp_path, regularizers):
+    run = tmp_path / "run"
+    features = "both" if "sep" in regularizers else "shared"
+    assert main(["train", "tiny", f"output_dir={run}", "loss.name=gamma", "loss.in_modal=true",
+                 f"regularizers={regularizers}", f"eval.features={features}", "eval.tasks=[retrieval,linear_probe]"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r and r.get("split") != "eval"]
+    names = [spec.split(",")[0].split(": ")[1] for spec in regularizers.strip("[]").split("}, {")]
+    for name in names:
+        full = {"sep": "separation", "br": "bridge", "gc": "consistency"}.get(name, name)
+        assert all(full in r and r[full] == r[full] for r in train_records), full  # logged, not NaN
+    assert all(math.isfinite(r["in_modal_a"]) and math.isfinite(r["in_modal_b"]) and r["state_age"] >= 0 for r in train_records)
+    assert 0 <= json.loads((run / "eval.json").read_text())["metrics"]["lp_acc1"] <= 1

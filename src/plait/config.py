@@ -18,10 +18,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 @dataclass
 class AugmentConfig:
+    """Whether the training view of each modality is augmented. Regularisers and in-modal terms
+    also need a second, augmented view, which always uses the modality's augmentation."""
+
     image: bool = False
     text: bool = False
+    vector: bool = False
     image_options: dict[str, Any] = field(default_factory=dict)
     text_options: dict[str, Any] = field(default_factory=dict)
+    vector_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -48,6 +53,7 @@ class ModelConfig:
 class LossConfig:
     name: str = "gamma"
     options: dict[str, Any] = field(default_factory=dict)
+    in_modal: bool = False  # L_Con = 1/4 (V2T + T2V + V2V + T2T) with augmented views
 
 
 @dataclass
@@ -83,6 +89,7 @@ class EvalConfig:
     few_shot_seeds: int = 3
     batch_size: int = 256
     gallery: int = 8
+    features: str = "shared"  # probes on the shared, independent or both ([z, z^i]) features
 
 
 @dataclass
@@ -93,6 +100,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # e.g. [{name: bridge, weight: 0.1, t: 0.25}, {name: consistency, weight: 0.5}]
+    regularizers: list[dict[str, Any]] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -73,17 +73,35 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_training_loss(config: DictConfig, dataset_size: int) -> nn.Module:
+def build_base_loss(config: DictConfig, dataset_size: int, seed: int) -> nn.Module:
+    """The config's loss, with ``dataset_size`` and ``seed`` filled in where it takes them."""
     from plait.losses import build_loss
-    from plait.losses.registry import LOSSES, ALIASES
+    from plait.losses.registry import ALIASES, LOSSES
 
     options = OmegaConf.to_container(config.loss.options, resolve=True) or {}
     key = ALIASES.get(config.loss.name.lower(), config.loss.name.lower())
-    if key in LOSSES and "dataset_size" in inspect.signature(LOSSES[key].__init__).parameters:
+    accepted = inspect.signature(LOSSES[key].__init__).parameters if key in LOSSES else {}
+    if "dataset_size" in accepted:
         options.setdefault("dataset_size", dataset_size)
-    if key in LOSSES and "seed" in inspect.signature(LOSSES[key].__init__).parameters:
-        options.setdefault("seed", config.seed)
+    if "seed" in accepted:
+        options.setdefault("seed", seed)
     return build_loss(config.loss.name, **options)
+
+
+def build_objective(config: DictConfig, dataset_size: int) -> nn.Module:
+    """Base loss (+ in-modal terms with their own state) + the config's regularisers."""
+    from plait.losses.objective import ContrastiveObjective, build_regularizer
+
+    base = build_base_loss(config, dataset_size, config.seed)
+    in_modal = None
+    if config.loss.in_modal:
+        in_modal = (build_base_loss(config, dataset_size, config.seed + 1), build_base_loss(config, dataset_size, config.seed + 2))
+    regularizers = [build_regularizer(OmegaConf.to_container(spec, resolve=True), seed=config.seed) for spec in config.regularizers]
+    return ContrastiveObjective(base, in_modal, regularizers)
+
+
+def _join(x, y):
+    return torch.cat([x, y]) if torch.is_tensor(x) else [*x, *y]
 
 
 class Trainer:
@@ -109,8 +127,9 @@ class Trainer:
         if not 2 <= batch_size <= len(self.train_set):
             raise ValueError(f"data.batch_size={batch_size} must be in [2, {len(self.train_set)}] (the training set size)")
 
-        self.model = build_model(OmegaConf.to_container(config.model, resolve=True), self.train_set).to(self.device)
-        self.loss_fn = build_training_loss(config, len(self.train_set)).to(self.device)
+        self.loss_fn = build_objective(config, len(self.train_set)).to(self.device)
+        self.model = build_model(OmegaConf.to_container(config.model, resolve=True), self.train_set,
+                                 independent=self.loss_fn.needs_independent).to(self.device)
         self.sampler = EpochSampler(len(self.train_set), config.seed)
         self.loader = torch.utils.data.DataLoader(
             self.train_set, batch_size=batch_size, sampler=self.sampler, drop_last=True,
@@ -129,43 +148,73 @@ class Trainer:
         warmup = max(1, int(config.optim.warmup_fraction * self.steps_per_epoch * config.optim.epochs))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.steps_per_epoch * config.optim.epochs, warmup))
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.image_augment, self.text_augment = self._augmenters()
+        self.augment = {side: self._augmenter(side) for side in ("a", "b")}
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self._writer = None
 
     # ------------------------------------------------------------------------------ pieces
-    def _augmenters(self):
-        from plait.data import ImageAugment, TextAugment
+    def _augmenter(self, side: str):
+        """The augmentation of one side's modality, if its training view is augmented or the
+        objective needs a second, augmented view."""
+        from plait.data import ImageAugment, TextAugment, VectorAugment
 
+        modality = self.train_set.modalities[0 if side == "a" else 1]
         augment = self.config.data.augment
-        image = text = None
-        if augment.image and self.train_set.modalities[0] == "image":
-            options = OmegaConf.to_container(augment.image_options, resolve=True) or {}
-            options.setdefault("seed", self.config.seed)
-            image = ImageAugment(image_size=self.train_set.image_size, **options).to(self.device)
-        if augment.text and self.train_set.modalities[1] == "text":
-            options = OmegaConf.to_container(augment.text_options, resolve=True) or {}
-            options.setdefault("seed", self.config.seed)
-            text = TextAugment(**options)
-        return image, text
+        if not (augment[modality] or self.loss_fn.needs_augmented):
+            return None
+        options = OmegaConf.to_container(augment[f"{modality}_options"], resolve=True) or {}
+        options.setdefault("seed", self.config.seed + (0 if side == "a" else 1))
+        if modality == "image":
+            return ImageAugment(image_size=self.train_set.image_size, **options).to(self.device)
+        if modality == "text":
+            return TextAugment(**options)
+        return VectorAugment(**options)
+
+    def _augmented(self, side: str, x, index):
+        if self.train_set.modalities[0 if side == "a" else 1] == "text":
+            alternatives = [self.train_set.alternatives[i] for i in index.tolist()] if self.train_set.alternatives else None
+            return self.augment[side](list(x), alternatives)
+        return self.augment[side](x)
 
     def _prepare(self, index, a, b):
-        a = a.to(self.device, non_blocking=True) if torch.is_tensor(a) else a
-        b = b.to(self.device, non_blocking=True) if torch.is_tensor(b) else b
-        if self.image_augment is not None:
-            a = self.image_augment(a)
-        if self.text_augment is not None:
-            alternatives = [self.train_set.alternatives[i] for i in index.tolist()] if self.train_set.alternatives else None
-            b = self.text_augment(list(b), alternatives)
-        return index.to(self.device), a, b
+        """(index, a, b, a_aug, b_aug) on the device: the training views (augmented where the
+        config says so) and, when the objective needs them, second augmented views."""
+        a = a.to(self.device, non_blocking=True) if torch.is_tensor(a) else list(a)
+        b = b.to(self.device, non_blocking=True) if torch.is_tensor(b) else list(b)
+        a_aug = b_aug = None
+        if self.loss_fn.needs_augmented:
+            a_aug, b_aug = self._augmented("a", a, index), self._augmented("b", b, index)
+        modalities = self.train_set.modalities
+        if self.config.data.augment[modalities[0]]:
+            a = self._augmented("a", a, index)
+        if self.config.data.augment[modalities[1]]:
+            b = self._augmented("b", b, index)
+        return index.to(self.device), a, b, a_aug, b_aug
+
+    def features(self, index, a, b, a_aug=None, b_aug=None):
+        """The objective's input for one batch: each tower runs once over [view; augmented view]."""
+        from plait.losses.objective import PairFeatures
+
+        if a_aug is None:
+            za, zb, scale = self.model(a, b)
+            return PairFeatures(za.float(), zb.float(), index, scale.float())
+        size = len(index)
+        za, zia = self.model.embed_a(_join(a, a_aug))
+        zb, zib = self.model.embed_b(_join(b, b_aug))
+
+        def halves(z):
+            return (None, None) if z is None else (z[:size].float(), z[size:].float())
+
+        (za, za_aug), (zb, zb_aug), (zia, zia_aug), (zib, zib_aug) = halves(za), halves(zb), halves(zia), halves(zib)
+        return PairFeatures(za, zb, index, self.model.scale().float(), za_aug, zb_aug, zia, zib, zia_aug, zib_aug)
 
     def train_step(self, index, a, b) -> torch.Tensor:
-        index, a, b = self._prepare(index, a, b)
+        index, a, b, a_aug, b_aug = self._prepare(index, a, b)
         self.model.train()
         self.loss_fn.train()
         with runtime.autocast(self.device, self.amp_dtype):
-            za, zb, scale = self.model(a, b)
-        loss = self.loss_fn(za.float(), zb.float(), index=index, logit_scale=scale.float())
+            features = self.features(index, a, b, a_aug, b_aug)
+        loss = self.loss_fn(features)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -184,11 +233,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ state
     def state(self) -> dict:
-        augment = {}
-        if self.image_augment is not None:
-            augment["image"] = self.image_augment.get_state()
-        if self.text_augment is not None:
-            augment["text"] = self.text_augment.get_state()
+        augment = {side: module.get_state() for side, module in self.augment.items() if module is not None}
         return {
             "config": to_yaml(self.config),
             "model": self.model.state_dict(),
@@ -208,10 +253,9 @@ class Trainer:
         self.loss_fn.load_state_dict(state["loss"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        if "image" in state["augment"] and self.image_augment is not None:
-            self.image_augment.set_state(state["augment"]["image"])
-        if "text" in state["augment"] and self.text_augment is not None:
-            self.text_augment.set_state(state["augment"]["text"])
+        for side, module in self.augment.items():
+            if module is not None and side in state["augment"]:
+                module.set_state(state["augment"][side])
         runtime.set_rng_state(state["rng"])
         progress = state["progress"]
         self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]

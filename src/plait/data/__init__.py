@@ -1,6 +1,6 @@
 """Datasets of positive pairs (each item carries its index), the image cache and augmentation."""
 
-from plait.data.augment import ImageAugment, TextAugment, default_synonyms
+from plait.data.augment import ImageAugment, TextAugment, VectorAugment, default_synonyms
 from plait.data.base import ImagePairDataset, PairDataset, collate_pairs, stratified_split
 from plait.data.cache import ImageCache, clear_memory_cache, decode_image, default_cache_dir, load_images
 from plait.data.digits import DigitsDataset
@@ -15,6 +15,7 @@ __all__ = [
     "EmojiDataset",
     "FolderPairDataset",
     "ImageAugment",
+    "VectorAugment",
     "ImageCache",
     "ImagePairDataset",
     "PairDataset",

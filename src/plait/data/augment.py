@@ -305,3 +305,31 @@ class ImageAugment(nn.Module):
 
     def extra_repr(self) -> str:
         return f"image_size={self.image_size}, seed={self.seed}"
+
+
+class VectorAugment(nn.Module):
+    """Positive pairs for feature vectors: Gaussian noise and feature dropout.
+
+    x' = m * (x + noise * eps) / (1 - drop), eps ~ N(0, I), m_k ~ Bernoulli(1 - drop), for
+    standardised (B, d) features. Deterministic under ``seed`` with its own generator (the global
+    RNG is untouched); ``get_state()`` / ``set_state()`` resume the same sequence.
+    """
+
+    def __init__(self, noise: float = 0.1, drop: float = 0.1, seed: int = 0):
+        super().__init__()
+        if noise < 0 or not 0 <= drop < 1:
+            raise ValueError(f"need noise >= 0 and 0 <= drop < 1, got noise={noise}, drop={drop}")
+        self.noise, self.drop, self.seed = float(noise), float(drop), seed
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def get_state(self) -> dict:
+        return {"seed": self.seed, "generator": self._generator.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self.seed = state["seed"]
+        self._generator.set_state(state["generator"])
+
+    def forward(self, x: Tensor) -> Tensor:
+        eps = torch.randn(x.shape, generator=self._generator).to(x.device, x.dtype)
+        keep = (torch.rand(x.shape, generator=self._generator) >= self.drop).to(x.device, x.dtype)
+        return keep * (x + self.noise * eps) / (1 - self.drop)

@@ -17,16 +17,17 @@ TASKS = ("retrieval", "zero_shot", "linear_probe", "few_shot", "knn")
 
 
 @torch.no_grad()
-def embed(model, dataset, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z_a, z_b) of every item, in dataset order, on the CPU."""
+def embed(model, dataset, batch_size: int, device: torch.device, features: str = "shared") -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_a, z_b) of every item, in dataset order, on the CPU; ``features``: shared,
+    independent or both ([z, z^i])."""
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     za, zb = [], []
     for _, a, b in loader:
         a = a.to(device) if torch.is_tensor(a) else list(a)
         b = b.to(device) if torch.is_tensor(b) else list(b)
-        za.append(model.encode_a(a).float().cpu())
-        zb.append(model.encode_b(b).float().cpu())
+        za.append(model.encode_a(a, features=features).float().cpu())
+        zb.append(model.encode_b(b, features=features).float().cpu())
     return torch.cat(za), torch.cat(zb)
 
 
@@ -64,16 +65,17 @@ def evaluate_model(model, train_set, test_set, config, device, run_dir: str | Pa
             for key, value in zero_shot_metrics(za, zero_shot_classifier(features), y_test).items():
                 metrics[f"zeroshot_{key}"] = value
         if any(task in tasks for task in ("linear_probe", "few_shot", "knn")):
-            train_za, _ = embed(model, train_set, config.batch_size, device)
+            probe_za = za if config.features == "shared" else embed(model, test_set, config.batch_size, device, config.features)[0]
+            train_za, _ = embed(model, train_set, config.batch_size, device, config.features)
             y_train = torch.as_tensor(train_set.labels[label])
             if "linear_probe" in tasks:
-                for key, value in linear_probe(train_za, y_train, za, y_test).items():
+                for key, value in linear_probe(train_za, y_train, probe_za, y_test).items():
                     metrics[f"lp_{key}"] = value
             if "few_shot" in tasks:
-                metrics.update(few_shot_probe(train_za, y_train, za, y_test, shots_list=tuple(config.few_shot),
+                metrics.update(few_shot_probe(train_za, y_train, probe_za, y_test, shots_list=tuple(config.few_shot),
                                               seeds=tuple(range(config.few_shot_seeds))))
             if "knn" in tasks:
-                metrics.update(knn_accuracy(train_za, y_train, za, y_test))
+                metrics.update(knn_accuracy(train_za, y_train, probe_za, y_test))
     if run_dir is not None:
         run_dir = Path(run_dir)
         result = {**(info or {}), "label": label, "metrics": metrics}

@@ -59,7 +59,7 @@ def build_encoder(spec: dict, sample) -> nn.Module:
 DEFAULT_ENCODERS = {"image": {"name": "cnn"}, "text": {"name": "bow"}, "vector": {"name": "mlp"}}
 
 
-def build_model(config: dict, dataset) -> TwoTower:
+def build_model(config: dict, dataset, independent: bool = False) -> TwoTower:
     """A TwoTower from the ``model`` section of a config and a dataset (for input sizes).
     An empty encoder spec picks the modality's default: cnn (image), bow (text), mlp (vector)."""
     _, sample_a, sample_b = dataset[0]
@@ -72,4 +72,5 @@ def build_model(config: dict, dataset) -> TwoTower:
         init_temperature=config.get("init_temperature", 0.07),
         learn_temperature=config.get("learn_temperature", True),
         projection_hidden=config.get("projection_hidden", 0),
+        independent=independent,
     )

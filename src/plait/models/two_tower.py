@@ -30,12 +30,14 @@ class TwoTower(nn.Module):
 
     ``encoder_a`` and ``encoder_b`` are any modules mapping a batch to (B, out_dim) features (set
     ``out_dim`` on them or pass ``dims``). ``forward(a, b)`` returns (z_a, z_b, logit_scale),
-    the convention of open_clip's ``ClipLoss`` inputs.
+    the convention of open_clip's ``ClipLoss`` inputs. ``independent=True`` adds a second
+    projection head per tower for modality-specific features z^i (feature separation), read
+    with ``embed_a`` / ``embed_b`` or ``encode_a(x, features="independent" | "both")``.
     """
 
     def __init__(self, encoder_a: nn.Module, encoder_b: nn.Module, embed_dim: int = 128,
                  init_temperature: float = 0.07, learn_temperature: bool = True, projection_hidden: int = 0,
-                 dims: tuple[int, int] | None = None):
+                 dims: tuple[int, int] | None = None, independent: bool = False):
         super().__init__()
         if not 0 < init_temperature:
             raise ValueError(f"init_temperature must be positive, got {init_temperature}")
@@ -45,16 +47,41 @@ class TwoTower(nn.Module):
         self.project_b = ProjectionHead(dim_b, embed_dim, projection_hidden)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learn_temperature)
         self.embed_dim = embed_dim
+        self.independent_a = ProjectionHead(dim_a, embed_dim, projection_hidden) if independent else None
+        self.independent_b = ProjectionHead(dim_b, embed_dim, projection_hidden) if independent else None
 
     def scale(self) -> Tensor:
         """exp of the learnable log-scale, clamped at 100 (CLIP)."""
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
 
-    def encode_a(self, a) -> Tensor:
-        return F.normalize(self.project_a(self.encoder_a(a)), dim=-1)
+    def embed_a(self, a) -> tuple[Tensor, Tensor | None]:
+        """(shared z_a, independent z^i_a or None), one encoder pass."""
+        return _embed(self.encoder_a(a), self.project_a, self.independent_a)
 
-    def encode_b(self, b) -> Tensor:
-        return F.normalize(self.project_b(self.encoder_b(b)), dim=-1)
+    def embed_b(self, b) -> tuple[Tensor, Tensor | None]:
+        return _embed(self.encoder_b(b), self.project_b, self.independent_b)
+
+    def encode_a(self, a, features: str = "shared") -> Tensor:
+        return _select(*self.embed_a(a), features)
+
+    def encode_b(self, b, features: str = "shared") -> Tensor:
+        return _select(*self.embed_b(b), features)
 
     def forward(self, a, b) -> tuple[Tensor, Tensor, Tensor]:
         return self.encode_a(a), self.encode_b(b), self.scale()
+
+
+def _embed(hidden: Tensor, shared: nn.Module, independent: nn.Module | None) -> tuple[Tensor, Tensor | None]:
+    z = F.normalize(shared(hidden), dim=-1)
+    return z, (F.normalize(independent(hidden), dim=-1) if independent is not None else None)
+
+
+def _select(shared: Tensor, independent: Tensor | None, features: str) -> Tensor:
+    """``shared``, ``independent`` or ``both`` ([z, z^i] concatenated)."""
+    if features == "shared":
+        return shared
+    if features not in ("independent", "both"):
+        raise ValueError(f"features must be 'shared', 'independent' or 'both', got {features!r}")
+    if independent is None:
+        raise ValueError(f"features={features!r} needs a model with independent heads (a separation regularizer)")
+    return independent if features == "independent" else torch.cat([shared, independent], dim=-1)

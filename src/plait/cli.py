@@ -3,7 +3,7 @@
     plait train CONFIG [key=value ...] [--resume [CHECKPOINT]]
     plait eval WEIGHTS_OR_CHECKPOINT [--data NAME] [--out DIR] [key=value ...]
     plait report RUN_DIR [--html]
-    plait experiment {gradient-bias, small-batch, batch-sweep} [options]
+    plait experiment {gradient-bias, small-batch, batch-sweep, information-gap, regularizers} [options]
 """
 
 from __future__ import annotations
@@ -75,6 +75,25 @@ def _experiment_batch_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_information_gap(args: argparse.Namespace) -> int:
+    from plait.experiments.information_gap import run_information_gap
+
+    print(run_information_gap(args.out, seeds_synthetic=args.seeds, seeds_real=args.seeds, quick=args.quick,
+                              workers=args.workers, overrides=args.overrides))
+    return 0
+
+
+def _experiment_regularizers(args: argparse.Namespace) -> int:
+    from plait.experiments.regularizers import run_regularizer_table, sweep_weights
+
+    if args.sweep_weights:
+        print(sweep_weights(args.out, seeds=args.seeds or 2, workers=args.workers, quick=args.quick, overrides=args.overrides))
+    else:
+        print(run_regularizer_table(args.out, datasets=args.datasets, seeds=args.seeds or 3, quick=args.quick,
+                                    workers=args.workers, overrides=args.overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plait", description="Contrastive representation learning without the large-batch tax.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--quick", action="store_true", help="2 batch sizes, 1 seed, few steps")
     sweep.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     sweep.set_defaults(handler=_experiment_batch_sweep)
+
+    gap = experiments.add_parser("information-gap", help="E3: synthetic gap and UCI view pairs; CLIP vs +Sep/+Br/+GC")
+    gap.add_argument("--out", default="runs/information-gap")
+    gap.add_argument("--seeds", type=int, default=2)
+    gap.add_argument("--workers", type=int, default=2)
+    gap.add_argument("--quick", action="store_true")
+    gap.add_argument("overrides", nargs="*")
+    gap.set_defaults(handler=_experiment_information_gap)
+
+    table = experiments.add_parser("regularizers", help="E4: regulariser table on UCI and emoji (or the weight sweep)")
+    table.add_argument("--out", default="runs/regularizers")
+    table.add_argument("--datasets", nargs="+", default=["uci", "emoji"])
+    table.add_argument("--seeds", type=int, default=None, help="default 3 (table) or 2 (weight sweep)")
+    table.add_argument("--workers", type=int, default=2)
+    table.add_argument("--sweep-weights", action="store_true", help="UCI weight sweep that chose the default weights")
+    table.add_argument("--quick", action="store_true")
+    table.add_argument("overrides", nargs="*")
+    table.set_defaults(handler=_experiment_regularizers)
     return parser
 
 

@@ -21,6 +21,7 @@ def test_linearly_separable_data_is_probed_perfectly():
     train_x, train_y = _clusters(30, 3, 10, 0.3, seed=0, offset=7)
     test_x, test_y = _clusters(20, 3, 10, 0.3, seed=1, offset=7)
     m = linear_probe(train_x, train_y, test_x, test_y)
+    assert 0 < m.pop("log_loss") < math.log(3)
     assert m == {"acc1": 1.0, "mean_per_class_recall": 1.0}
     m = linear_probe(train_x.half(), train_y, test_x.double(), test_y, shots=10, C=1.0)
     assert m["acc1"] == 1.0
@@ -32,7 +33,9 @@ def test_binary_and_acc5():
     assert linear_probe(train_x, train_y, test_x, test_y)["acc1"] == 1.0
     train_x, train_y = _clusters(20, 6, 8, 0.3, seed=4)
     test_x, test_y = _clusters(10, 6, 8, 0.3, seed=5)
-    assert linear_probe(train_x, train_y, test_x, test_y) == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
+    m = linear_probe(train_x, train_y, test_x, test_y)
+    assert 0 < m.pop("log_loss") < math.log(6)
+    assert m == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
 
 
 def test_matches_a_direct_scikit_learn_fit():
@@ -78,7 +81,7 @@ def test_few_shot_probe_mean_and_std_over_seeds():
     train_x, train_y = torch.randn(60, 4, generator=g), torch.arange(3).repeat(20)
     test_x, test_y = torch.randn(30, 4, generator=g), torch.arange(3).repeat(10)
     m = few_shot_probe(train_x, train_y, test_x, test_y, shots_list=(1, 4), seeds=(0, 1, 2))
-    assert set(m) == {f"lp_{k}shot_{name}{std}" for k in (1, 4) for name in ("acc1", "mean_per_class_recall") for std in ("", "_std")}
+    assert set(m) == {f"lp_{k}shot_{name}{std}" for k in (1, 4) for name in ("acc1", "mean_per_class_recall", "log_loss") for std in ("", "_std")}
     runs = [linear_probe(train_x, train_y, test_x, test_y, shots=4, seed=s)["acc1"] for s in (0, 1, 2)]
     assert m["lp_4shot_acc1"] == pytest.approx(np.mean(runs), abs=1e-12)
     assert m["lp_4shot_acc1_std"] == pytest.approx(np.std(runs, ddof=1), abs=1e-12)
@@ -171,3 +174,33 @@ def test_c_is_chosen_on_a_20_percent_holdout_then_refit_on_everything(monkeypatc
     calls.clear()
     linear_probe(train_x, train_y, test_x, test_y, shots=2)  # 2 per class: nothing to hold out -> C = 1
     assert calls == [(6, [2, 2, 2], 1.0)]
+
+
+def test_log_loss_equals_scikit_learn_log_loss():
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.preprocessing import StandardScaler
+
+    from plait.evaluate import linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    train_x, test_x = torch.randn(120, 5, generator=g), torch.randn(60, 5, generator=g)
+    train_y, test_y = (train_x[:, 0] > 0).long() + (train_x[:, 1] > 0).long(), (test_x[:, 0] > 0).long() + (test_x[:, 1] > 0).long()
+    got = linear_probe(train_x, train_y, test_x, test_y, C=1.0)["log_loss"]
+    scaler = StandardScaler().fit(train_x.numpy())
+    model = LogisticRegression(C=1.0, max_iter=1000, tol=1e-3, random_state=0).fit(scaler.transform(train_x.numpy()), train_y.numpy())
+    want = log_loss(test_y.numpy(), model.predict_proba(scaler.transform(test_x.numpy())), labels=np.arange(3))
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_selecting_c_by_log_loss_gives_a_lower_test_cross_entropy():
+    from plait.evaluate import linear_probe
+
+    train_x, train_y = _clusters(30, 3, 10, 0.3, seed=0, offset=7)
+    test_x, test_y = _clusters(20, 3, 10, 0.3, seed=1, offset=7)
+    by_accuracy = linear_probe(train_x, train_y, test_x, test_y)
+    by_log_loss = linear_probe(train_x, train_y, test_x, test_y, select_by="log_loss")
+    assert by_log_loss["log_loss"] < by_accuracy["log_loss"] and by_log_loss["acc1"] == 1.0
+    with pytest.raises(ValueError, match="select_by"):
+        linear_probe(train_x, train_y, test_x, test_y, select_by="f1")

@@ -6,6 +6,7 @@ from plait.data.cache import ImageCache, clear_memory_cache, decode_image, defau
 from plait.data.digits import DigitsDataset
 from plait.data.emoji import EmojiDataset, base_of
 from plait.data.registry import build_dataset
+from plait.data.synthetic import InformationGapDataset
 from plait.data.uci import UCIMultipleFeatures
 from plait.data.user import CsvPairDataset, FolderPairDataset
 
@@ -18,6 +19,7 @@ __all__ = [
     "VectorAugment",
     "ImageCache",
     "ImagePairDataset",
+    "InformationGapDataset",
     "PairDataset",
     "TextAugment",
     "UCIMultipleFeatures",

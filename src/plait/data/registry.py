@@ -7,6 +7,7 @@ import inspect
 from plait.data.base import PairDataset
 from plait.data.digits import DigitsDataset
 from plait.data.emoji import EmojiDataset
+from plait.data.synthetic import InformationGapDataset
 from plait.data.uci import UCIMultipleFeatures
 from plait.data.user import CsvPairDataset, FolderPairDataset
 
@@ -16,6 +17,7 @@ DATASETS: dict[str, type[PairDataset]] = {
     "digits": DigitsDataset,
     "csv": CsvPairDataset,
     "folder": FolderPairDataset,
+    "gap": InformationGapDataset,
 }
 ALIASES = {"jsonl": "csv", "mfeat": "uci", "twemoji": "emoji"}
 PATH_ARGUMENT = {"csv": "path", "folder": "folder"}
@@ -24,7 +26,7 @@ PATH_ARGUMENT = {"csv": "path", "folder": "folder"}
 def build_dataset(name: str, split: str = "train", **options) -> PairDataset:
     """``build_dataset("uci", "test", views=("pix", "fou"))`` -> UCIMultipleFeatures.
 
-    Names: emoji, uci, digits, csv (``path=`` a .csv/.tsv/.jsonl/.json file; alias jsonl) and
+    Names: emoji, uci, digits, gap (synthetic information gap), csv (``path=`` a .csv/.tsv/.jsonl/.json file; alias jsonl) and
     folder (``path=`` a folder of images with .txt captions). csv and folder default to
     ``split="all"`` when no test_fraction is given, as they have no split of their own. Unknown
     names or options raise a ValueError that lists the valid ones.

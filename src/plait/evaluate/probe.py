@@ -69,6 +69,16 @@ def _fit(x: np.ndarray, y: np.ndarray, C: float, seed: int, max_iter: int, tol: 
     return model.fit(x, y)
 
 
+def _holdout_score(model, x: np.ndarray, y: np.ndarray, select_by: str) -> float:
+    """Higher is better: accuracy, or minus the cross-entropy (classes the model never saw: 50 nats)."""
+    if select_by == "acc1":
+        return float((model.predict(x) == y).mean())
+    probabilities = model.predict_proba(x)
+    column = {c: i for i, c in enumerate(model.classes_)}
+    picked = np.array([probabilities[n, column[c]] if c in column else 0.0 for n, c in enumerate(y)])
+    return float(np.log(np.maximum(picked, np.exp(-50.0))).mean())
+
+
 def linear_probe(
     train_x: Tensor,
     train_y: Tensor,
@@ -80,6 +90,7 @@ def linear_probe(
     c_grid: Sequence[float] = C_GRID,
     max_iter: int = 1000,
     tol: float = 1e-3,
+    select_by: str = "acc1",
 ) -> dict[str, float]:
     """Multinomial logistic regression (scikit-learn, lbfgs) on standardised frozen features.
 
@@ -88,13 +99,16 @@ def linear_probe(
 
     Features are standardised with the (sampled) training set's mean and std. ``shots=k`` fits on
     k items per class (:func:`few_shot_indices` with ``seed``). ``C=None`` picks the inverse
-    regularisation strength from ``c_grid`` by top-1 accuracy on a per-class 20% hold-out of the
-    training items (ties: the smaller C), then refits on all of them; when that hold-out is empty
+    regularisation strength from ``c_grid`` by top-1 accuracy (``select_by="log_loss"``: by
+    held-out cross-entropy) on a per-class 20% hold-out of the training items (ties: the smaller C), then refits on all of them; when that hold-out is empty
     (fewer than 3 items in every class, e.g. 1- and 2-shot) C = 1.0, scikit-learn's default.
 
     Returns ``acc1``, ``acc5`` (only with at least 5 classes) and ``mean_per_class_recall`` on the
-    test set (CLIP_benchmark's linear-probe names). Shapes: ``*_x`` (N, d), ``*_y`` (N,).
+    test set (CLIP_benchmark's linear-probe names), and ``log_loss``, the mean test cross-entropy
+    in nats of the fitted model (over test items whose class it has seen). Shapes: ``*_x`` (N, d), ``*_y`` (N,).
     """
+    if select_by not in ("acc1", "log_loss"):
+        raise ValueError(f"select_by must be 'acc1' or 'log_loss', got {select_by!r}")
     train_x, train_y = _split(train_x, train_y, "train")
     test_x, test_y = _split(test_x, test_y, "test")
     same_dim_and_device(train_x, test_x, "train_x", "test_x")
@@ -111,7 +125,7 @@ def linear_probe(
         fit, val = _holdout(y, np.random.default_rng(seed))
         C = 1.0
         if len(val) and len(np.unique(y[fit])) >= 2:
-            scores = [(_fit(x[fit], y[fit], c, seed, max_iter, tol).predict(x[val]) == y[val]).mean() for c in grid]
+            scores = [_holdout_score(_fit(x[fit], y[fit], c, seed, max_iter, tol), x[val], y[val], select_by) for c in grid]
             C = grid[int(np.argmax(scores))]
     elif not (isinstance(C, (int, float)) and C > 0):
         raise ValueError(f"C must be a positive number or None, got {C!r}")
@@ -128,6 +142,11 @@ def linear_probe(
     if len(classes) >= 5:
         metrics["acc5"] = float((ranks <= 5).double().mean())
     metrics["mean_per_class_recall"] = mean_per_class_recall(ranks == 1, test_y)
+    if bool(known.all(1).any()) or bool(known.any(1).all()):
+        # mean test cross-entropy (nats) of the fitted model, over test items of known classes
+        log_probs = torch.log_softmax(scores.double(), dim=1)
+        seen = known.any(1)
+        metrics["log_loss"] = float(-(log_probs[seen] * known[seen].double()).sum(1).mean())
     return metrics
 
 

@@ -27,7 +27,8 @@ def load_model(path: str | Path, device: torch.device | None = None):
     config = from_yaml(config_yaml)
     options = OmegaConf.to_container(config.data.options, resolve=True) or {}
     sizing = build_dataset(config.data.name, split="train", **options)  # input sizes of the towers
-    model = build_model(OmegaConf.to_container(config.model, resolve=True), sizing)
+    independent = any(key.startswith("independent_a.") for key in state)
+    model = build_model(OmegaConf.to_container(config.model, resolve=True), sizing, independent=independent)
     model.load_state_dict(state)
     return model.to(device or "cpu"), config
 

@@ -12,11 +12,11 @@ loss at B = 32 within 1 point of (or above) InfoNCE at B = 512 on both.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import statistics
 import time
 from pathlib import Path
 
+from plait.experiments._runs import run_many
 from plait.experiments.small_batch import scaled_lr
 
 METRIC = {"emoji": "text_retrieval_recall@1", "uci": "lp_acc1"}
@@ -41,25 +41,6 @@ def _job_overrides(dataset: str, loss: str, batch_size: int, seed: int, out: Pat
     return settings
 
 
-def _run(job: tuple) -> dict:
-    import torch
-
-    from plait.config import load_config
-    from plait.train import train
-
-    dataset, loss, batch_size, seed, out, quick, overrides = job
-    torch.set_num_threads(1)
-    base = load_config(dataset, list(overrides))
-    config = load_config(dataset, [*_job_overrides(dataset, loss, batch_size, seed, out, quick, base.optim.lr), *overrides])
-    run_dir = Path(config.output_dir)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    start = time.perf_counter()
-    metrics = train(config)
-    (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # keep the sweep small on disk
-    return {"dataset": dataset, "loss": loss, "batch_size": batch_size, "seed": seed,
-            "value": 100.0 * metrics[METRIC[dataset]], "metrics": metrics, "seconds": time.perf_counter() - start}
-
-
 def run_batch_sweep(out_dir, datasets=("emoji", "uci"), batch_sizes=(16, 32, 64, 128, 256, 512),
                     losses=("infonce", "gamma", "sogclr"), seeds: int = 3, quick: bool = False, workers: int = 2,
                     overrides=()) -> str:
@@ -70,14 +51,21 @@ def run_batch_sweep(out_dir, datasets=("emoji", "uci"), batch_sizes=(16, 32, 64,
         raise ValueError(f"batch-sweep datasets must be among {sorted(METRIC)}, got {unknown}")
     if quick:
         batch_sizes, seeds = tuple(batch_sizes)[:2], 1
-    jobs = [(d, loss, b, s, out, quick, tuple(overrides)) for d in datasets for b in batch_sizes for loss in losses for s in range(seeds)]
-    jobs.sort(key=lambda job: job[2])  # small batches (most steps) first
+    from plait.config import load_config
+
+    jobs = []
+    for dataset in datasets:
+        base_lr = load_config(dataset, list(overrides)).optim.lr
+        for b in batch_sizes:
+            for loss in losses:
+                for s in range(seeds):
+                    settings = _job_overrides(dataset, loss, b, s, out, quick, base_lr)
+                    jobs.append((dataset, (*settings, *overrides), {"dataset": dataset, "loss": loss, "batch_size": b, "seed": s}))
+    jobs.sort(key=lambda job: job[2]["batch_size"])  # small batches (most steps) first
     started = time.perf_counter()
-    if workers <= 1:
-        runs = [_run(job) for job in jobs]
-    else:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            runs = list(pool.imap_unordered(_run, jobs))
+    runs = run_many(jobs, workers)
+    for run in runs:
+        run["value"] = 100.0 * run["metrics"][METRIC[run["dataset"]]]
     runs.sort(key=lambda r: (r["dataset"], r["loss"], r["batch_size"], r["seed"]))
     result = {"metric": METRIC, "batch_sizes": list(batch_sizes), "losses": list(losses), "seeds": seeds,
               "seconds": time.perf_counter() - started, "runs": runs}

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from plait.losses.regularizers import REGULARIZER_ALIASES, REGULARIZERS, BrownianBridge, FeatureSeparation, GeometricConsistency
+from plait.losses.regularizers import (DEFAULT_WEIGHTS, REGULARIZER_ALIASES, REGULARIZERS, BrownianBridge,
+                                      FeatureSeparation, GeometricConsistency)
 
 
 @dataclass
@@ -94,14 +95,15 @@ def _require(features: PairFeatures, *fields: str, why: str) -> None:
 
 
 def build_regularizer(spec: dict, seed: int = 0) -> tuple[str, float, nn.Module]:
-    """(name, weight, module) from ``{"name": "bridge", "weight": 0.1, **options}``."""
+    """(name, weight, module) from ``{"name": "bridge", "weight": 0.1, **options}``; without a
+    weight, the measured default of ``DEFAULT_WEIGHTS``."""
     spec = dict(spec)
     raw = str(spec.pop("name", ""))
     name = REGULARIZER_ALIASES.get(raw.lower(), raw.lower())
     if name not in REGULARIZERS:
         valid = ", ".join(sorted([*REGULARIZERS, *REGULARIZER_ALIASES]))
         raise ValueError(f"unknown regularizer {raw!r}; valid names: {valid}")
-    weight = spec.pop("weight", 1.0)
+    weight = spec.pop("weight", DEFAULT_WEIGHTS[name])
     if not isinstance(weight, (int, float)) or weight < 0:
         raise ValueError(f"regularizer {name!r}: weight must be a non-negative number, got {weight!r}")
     cls = REGULARIZERS[name]

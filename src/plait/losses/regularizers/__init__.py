@@ -6,5 +6,8 @@ from plait.losses.regularizers.separation import FeatureSeparation
 
 REGULARIZERS = {"separation": FeatureSeparation, "bridge": BrownianBridge, "consistency": GeometricConsistency}
 REGULARIZER_ALIASES = {"sep": "separation", "br": "bridge", "gc": "consistency"}
+# Weight of each regulariser when a config gives none; chosen by the UCI weight sweep
+# (plait experiment regularizers --sweep-weights; README, "Choosing the weights").
+DEFAULT_WEIGHTS = {"separation": 0.1, "bridge": 0.1, "consistency": 0.1}
 
-__all__ = ["BrownianBridge", "FeatureSeparation", "GeometricConsistency", "REGULARIZERS", "REGULARIZER_ALIASES"]
+__all__ = ["BrownianBridge", "DEFAULT_WEIGHTS", "FeatureSeparation", "GeometricConsistency", "REGULARIZERS", "REGULARIZER_ALIASES"]

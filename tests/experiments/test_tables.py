@@ -1,0 +1,39 @@
+"""The experiment summaries on hand-made results: what they compute and conclude."""
+
+import math
+
+from plait.experiments.batch_sweep import summary_table
+from plait.experiments.information_gap import gap_tables
+from plait.experiments.regularizers import regularizer_table
+
+
+def _run(dataset, base, variant, seed, lp):
+    return {"dataset": dataset, "base": base, "variant": variant, "seed": seed, "metrics": {"lp_acc1": lp}}
+
+
+def test_regularizer_verdict_needs_one_point_beyond_the_spread():
+    runs = [_run("uci", "infonce", "none", s, v) for s, v in enumerate((0.900, 0.905, 0.910))]
+    runs += [_run("uci", "infonce", "gc", s, v) for s, v in enumerate((0.930, 0.935, 0.940))]  # +3.0, spread 0.5
+    runs += [_run("uci", "infonce", "br", s, v) for s, v in enumerate((0.905, 0.915, 0.925))]  # +1.0, spread 1.0
+    table = regularizer_table({"seeds": 3, "runs": runs})
+    assert "| infonce | gc | 93.5 +- 0.5 |" in table
+    assert "infonce + gc: linear probe +3.0 points" in table
+    assert "infonce + br" not in table
+
+
+def test_batch_sweep_target_line():
+    runs = [{"dataset": "uci", "loss": "gamma", "batch_size": 32, "seed": s, "value": v} for s, v in enumerate((90.0, 92.0))]
+    runs += [{"dataset": "uci", "loss": "infonce", "batch_size": 512, "seed": s, "value": v} for s, v in enumerate((91.0, 93.5))]
+    table = summary_table({"seeds": 2, "losses": ["infonce", "gamma"], "runs": runs})
+    assert "| gamma | 91.0 +- 1.4 | - |" in table
+    assert "gamma at B=32 minus InfoNCE at B=512: -1.2 points (target >= -1.0: missed)" in table
+
+
+def test_gap_table_reports_the_excess_against_the_bound():
+    probe = lambda ce, acc: {"log_loss": ce, "acc1": acc}  # noqa: E731
+    runs = [{"part": "synthetic", "private_bits": 2, "variant": "clip", "seed": 0,
+             "probe": {"a": probe(1.0, 0.5), "b": probe(1.5, 0.25), "both": probe(1.5, 0.3)}}]
+    references = {"synthetic-p2": {"a": probe(0.05, 0.99), "b": probe(1.4, 0.25), "both": probe(0.05, 0.99)}}
+    table = gap_tables({"runs": runs, "references": references})
+    assert f"| 2 | {2 * math.log(2):.3f} | 0.050 (99.0) |" in table
+    assert f"| 1.450 ({2 * math.log(2):.3f}) |" in table

@@ -231,7 +231,22 @@ class TextAugment:
         return kept if kept else [self._rng.choice(words)]
 
 
-class ImageAugment(nn.Module):
+class _SeededModule(nn.Module):
+    """An augmentation module with its own seeded generator, saved and restored as state."""
+
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def get_state(self) -> dict:
+        return {"seed": self.seed, "generator": self._generator.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self.seed = state["seed"]
+        self._generator.set_state(state["generator"])
+
+
+class ImageAugment(_SeededModule):
     """SimCLR-style batch augmentation with kornia: (B, 3, H, W) in [0, 1] -> (B, 3, S, S).
 
     RandomResizedCrop(S, ``crop_scale``) -> RandomHorizontalFlip(p=``flip``) ->
@@ -275,15 +290,7 @@ class ImageAugment(nn.Module):
             K.ColorJitter(jitter_strength, jitter_strength, jitter_strength, jitter_strength / 4, p=float(jitter)),
             K.RandomGaussianBlur((kernel, kernel), (0.1, 2.0), p=float(blur)),
         )
-        self.seed = seed
-        self._generator = torch.Generator().manual_seed(seed)
-
-    def get_state(self) -> dict:
-        return {"seed": self.seed, "generator": self._generator.get_state()}
-
-    def set_state(self, state: dict) -> None:
-        self.seed = state["seed"]
-        self._generator.set_state(state["generator"])
+        self.reseed(seed)
 
     def forward(self, images: Tensor) -> Tensor:
         if images.dim() == 3:
@@ -307,7 +314,7 @@ class ImageAugment(nn.Module):
         return f"image_size={self.image_size}, seed={self.seed}"
 
 
-class VectorAugment(nn.Module):
+class VectorAugment(_SeededModule):
     """Positive pairs for feature vectors: Gaussian noise and feature dropout.
 
     x' = m * (x + noise * eps) / (1 - drop), eps ~ N(0, I), m_k ~ Bernoulli(1 - drop), for
@@ -319,15 +326,8 @@ class VectorAugment(nn.Module):
         super().__init__()
         if noise < 0 or not 0 <= drop < 1:
             raise ValueError(f"need noise >= 0 and 0 <= drop < 1, got noise={noise}, drop={drop}")
-        self.noise, self.drop, self.seed = float(noise), float(drop), seed
-        self._generator = torch.Generator().manual_seed(seed)
-
-    def get_state(self) -> dict:
-        return {"seed": self.seed, "generator": self._generator.get_state()}
-
-    def set_state(self, state: dict) -> None:
-        self.seed = state["seed"]
-        self._generator.set_state(state["generator"])
+        self.noise, self.drop = float(noise), float(drop)
+        self.reseed(seed)
 
     def forward(self, x: Tensor) -> Tensor:
         eps = torch.randn(x.shape, generator=self._generator).to(x.device, x.dtype)

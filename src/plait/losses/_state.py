@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from plait.losses._batch import PairBatch
+from plait.losses._inputs import check_index, prepare_pair, resolve_scale
+
 
 class PerSampleState(nn.Module):
     def __init__(self, dataset_size: int):
@@ -36,6 +39,22 @@ class PerSampleState(nn.Module):
                 f"has dataset_size={self.dataset_size}; build the loss with the dataset it was trained on"
             )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    @property
+    def candidate_count(self) -> int:
+        """Candidates per anchor in the generalised loss: N (bimodal) or 2N - 1 (unimodal).
+        Subclasses set ``mode``, ``normalize`` and ``temperature``."""
+        return self.dataset_size if self.mode == "bimodal" else 2 * self.dataset_size - 1
+
+    def prepare_batch(self, features_a: Tensor, features_b: Tensor, index: Tensor,
+                      logit_scale: Tensor | float | None) -> tuple[Tensor, Tensor, Tensor, PairBatch]:
+        """(a, b, scale, batch): the checked (upcast, normalised) features, the logit scale and
+        the batch's logits, after checking the index and the state's device."""
+        a, b = prepare_pair(features_a, features_b, self.normalize)
+        self.check_device(a.device)
+        index = check_index(index, a.shape[0], self.dataset_size, a.device)
+        scale = resolve_scale(logit_scale, self.temperature, a)
+        return a, b, scale, PairBatch.build(a, b, scale, index, self.mode)
 
     def check_device(self, device: torch.device) -> None:
         if self.log_z.device != device:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from plait.losses._batch import PairBatch
-from plait.losses._inputs import check_index, check_mode, check_temperature, prepare_pair, resolve_scale
+from plait.losses._inputs import check_mode, check_temperature, prepare_pair
 from plait.losses._state import PerSampleState
 
 ESTIMATORS = ("ema", "exact", "memory")
@@ -114,11 +114,6 @@ class GammaContrastiveLoss(PerSampleState):
         # Memory bank (2, N, d) of the latest features of each item, allocated at the first call.
         self.register_buffer("bank", torch.empty(0))
 
-    @property
-    def candidate_count(self) -> int:
-        """Candidates per anchor in the generalised loss: N (bimodal) or 2N - 1 (unimodal)."""
-        return self.dataset_size if self.mode == "bimodal" else 2 * self.dataset_size - 1
-
     def forward(
         self,
         features_a: Tensor,
@@ -127,11 +122,8 @@ class GammaContrastiveLoss(PerSampleState):
         logit_scale: Tensor | float | None = None,
         candidates: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        a, b = prepare_pair(features_a, features_b, self.normalize)
-        self.check_device(a.device)
-        index = check_index(index, a.shape[0], self.dataset_size, a.device)
-        scale = resolve_scale(logit_scale, self.temperature, a)
-        batch = PairBatch.build(a, b, scale, index, self.mode)
+        a, b, scale, batch = self.prepare_batch(features_a, features_b, index, logit_scale)
+        index = batch.index
         n = self.candidate_count
         log_zbatch = batch.log_partition(1.0 / n, (n - 1.0) / n)  # (2, B): Zbatch, both sides differentiable
 

@@ -7,8 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from plait.losses._batch import PairBatch
-from plait.losses._inputs import check_index, check_mode, check_temperature, prepare_pair, resolve_scale
+from plait.losses._inputs import check_mode, check_temperature
 from plait.losses._state import PerSampleState
 
 
@@ -53,7 +52,7 @@ class SogCLRLoss(PerSampleState):
         self.temperature = check_temperature(temperature)
         self.mode = check_mode(mode)
         self.normalize = normalize
-        n = dataset_size if self.mode == "bimodal" else 2 * dataset_size - 1
+        n = self.candidate_count
         if epsilon is not None and not (isinstance(epsilon, (int, float)) and epsilon >= 0):
             raise ValueError(f"epsilon must be a non-negative number or None, got {epsilon!r}")
         self.epsilon = 1.0 / (n - 1) if epsilon is None else float(epsilon)
@@ -62,11 +61,8 @@ class SogCLRLoss(PerSampleState):
     def forward(
         self, features_a: Tensor, features_b: Tensor, index: Tensor, logit_scale: Tensor | float | None = None
     ) -> Tensor:
-        a, b = prepare_pair(features_a, features_b, self.normalize)
-        self.check_device(a.device)
-        index = check_index(index, a.shape[0], self.dataset_size, a.device)
-        scale = resolve_scale(logit_scale, self.temperature, a)
-        batch = PairBatch.build(a, b, scale, index, self.mode)
+        a, b, scale, batch = self.prepare_batch(features_a, features_b, index, logit_scale)
+        index = batch.index
         log_gbatch = batch.log_partition(0.0, 1.0) - batch.positive  # (2, B)
         if self.epsilon > 0:
             log_gbatch = torch.logaddexp(log_gbatch, torch.tensor(math.log(self.epsilon), dtype=a.dtype, device=a.device))

@@ -23,5 +23,5 @@ def test_errors_name_the_key_or_file(tmp_path):
     bad.write_text("optim:\n  epochz: 3\n")
     with pytest.raises(ValueError, match="epochz"):
         load_config(bad)
-    with pytest.raises(ValueError, match="packaged configs: emoji, tiny, uci"):
+    with pytest.raises(ValueError, match="packaged configs: emoji, gap, tiny, uci"):
         resolve_config_path("nope")

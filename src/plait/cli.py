@@ -70,7 +70,7 @@ def _experiment_batch_sweep(args: argparse.Namespace) -> int:
     from plait.experiments.batch_sweep import run_batch_sweep
 
     table = run_batch_sweep(args.out, datasets=args.datasets, batch_sizes=args.batch_sizes, losses=args.losses,
-                            seeds=args.seeds, quick=args.quick, workers=args.workers, overrides=args.overrides)
+                            seeds=args.seeds, quick=args.quick, workers=args.workers, overrides=args.overrides, reuse=args.reuse)
     print(table)
     return 0
 
@@ -79,7 +79,7 @@ def _experiment_information_gap(args: argparse.Namespace) -> int:
     from plait.experiments.information_gap import run_information_gap
 
     print(run_information_gap(args.out, seeds_synthetic=args.seeds, seeds_real=args.seeds, quick=args.quick,
-                              workers=args.workers, overrides=args.overrides))
+                              workers=args.workers, overrides=args.overrides, reuse=args.reuse))
     return 0
 
 
@@ -87,10 +87,11 @@ def _experiment_regularizers(args: argparse.Namespace) -> int:
     from plait.experiments.regularizers import run_regularizer_table, sweep_weights
 
     if args.sweep_weights:
-        print(sweep_weights(args.out, seeds=args.seeds or 2, workers=args.workers, quick=args.quick, overrides=args.overrides))
+        print(sweep_weights(args.out, seeds=args.seeds or 2, workers=args.workers, quick=args.quick, overrides=args.overrides,
+                           reuse=args.reuse))
     else:
         print(run_regularizer_table(args.out, datasets=args.datasets, seeds=args.seeds or 3, quick=args.quick,
-                                    workers=args.workers, overrides=args.overrides))
+                                    workers=args.workers, overrides=args.overrides, reuse=args.reuse))
     return 0
 
 
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", type=int, default=3)
     sweep.add_argument("--workers", type=int, default=2)
     sweep.add_argument("--quick", action="store_true", help="2 batch sizes, 1 seed, few steps")
+    sweep.add_argument("--reuse", action="store_true", help="keep runs whose directory already holds the final evaluation of the same config")
     sweep.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     sweep.set_defaults(handler=_experiment_batch_sweep)
 
@@ -152,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     gap.add_argument("--seeds", type=int, default=2)
     gap.add_argument("--workers", type=int, default=2)
     gap.add_argument("--quick", action="store_true")
+    gap.add_argument("--reuse", action="store_true", help="keep runs whose directory already holds the final evaluation of the same config")
     gap.add_argument("overrides", nargs="*")
     gap.set_defaults(handler=_experiment_information_gap)
 
@@ -162,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--workers", type=int, default=2)
     table.add_argument("--sweep-weights", action="store_true", help="UCI weight sweep that chose the default weights")
     table.add_argument("--quick", action="store_true")
+    table.add_argument("--reuse", action="store_true", help="keep runs whose directory already holds the final evaluation of the same config")
     table.add_argument("overrides", nargs="*")
     table.set_defaults(handler=_experiment_regularizers)
     return parser

@@ -2,24 +2,45 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import multiprocessing
 import time
 from pathlib import Path
 
 
-def run_training(job: tuple[str, tuple[str, ...], dict]) -> dict:
+def finished_metrics(run_dir: Path, config_yaml: str) -> dict | None:
+    """The final metrics of a finished run in ``run_dir`` trained with the settings of ``config_yaml``, else None.
+
+    The saved config is read through the current schema, so keys added since (at their defaults)
+    do not count as a difference."""
+    from plait.config import load_config, to_yaml
+
+    saved, evaluation = run_dir / "config.yaml", run_dir / "eval.json"
+    if not (saved.is_file() and evaluation.is_file() and (run_dir / "model.safetensors").is_file()):
+        return None
+    if to_yaml(load_config(saved)) != config_yaml:
+        return None
+    return json.loads(evaluation.read_text(encoding="utf-8"))["metrics"]
+
+
+def run_training(job: tuple[str, tuple[str, ...], dict], reuse: bool = False) -> dict:
     """Train ``config_name`` with ``overrides`` in this process; return ``tags`` + metrics.
 
-    The checkpoint is deleted afterwards (exported weights, metrics and eval.json stay)."""
+    With ``reuse`` a run whose directory already holds the final evaluation of the identical
+    config is not trained again (``"reused": True`` in the result). The checkpoint is deleted
+    afterwards (exported weights, metrics and eval.json stay)."""
     import torch
 
-    from plait.config import load_config
+    from plait.config import load_config, to_yaml
     from plait.train import train
 
     config_name, overrides, tags = job
     torch.set_num_threads(1)
     config = load_config(config_name, list(overrides))
     run_dir = Path(config.output_dir)
+    if reuse and (metrics := finished_metrics(run_dir, to_yaml(config))) is not None:
+        return {**tags, "run_dir": str(run_dir), "metrics": metrics, "seconds": 0.0, "reused": True}
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     start = time.perf_counter()
     metrics = train(config)
@@ -27,9 +48,10 @@ def run_training(job: tuple[str, tuple[str, ...], dict]) -> dict:
     return {**tags, "run_dir": str(run_dir), "metrics": metrics, "seconds": time.perf_counter() - start}
 
 
-def run_many(jobs: list[tuple[str, tuple[str, ...], dict]], workers: int = 2) -> list[dict]:
+def run_many(jobs: list[tuple[str, tuple[str, ...], dict]], workers: int = 2, reuse: bool = False) -> list[dict]:
     """``run_training`` over ``jobs``, ``workers`` processes at a time (single-threaded each)."""
+    work = functools.partial(run_training, reuse=reuse)
     if workers <= 1:
-        return [run_training(job) for job in jobs]
+        return [work(job) for job in jobs]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return list(pool.imap_unordered(run_training, jobs))
+        return list(pool.imap_unordered(work, jobs))

@@ -43,7 +43,7 @@ def _job_overrides(dataset: str, loss: str, batch_size: int, seed: int, out: Pat
 
 def run_batch_sweep(out_dir, datasets=("emoji", "uci"), batch_sizes=(16, 32, 64, 128, 256, 512),
                     losses=("infonce", "gamma", "sogclr"), seeds: int = 3, quick: bool = False, workers: int = 2,
-                    overrides=()) -> str:
+                    overrides=(), reuse: bool = False) -> str:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     unknown = sorted(set(datasets) - set(METRIC))
@@ -63,7 +63,7 @@ def run_batch_sweep(out_dir, datasets=("emoji", "uci"), batch_sizes=(16, 32, 64,
                     jobs.append((dataset, (*settings, *overrides), {"dataset": dataset, "loss": loss, "batch_size": b, "seed": s}))
     jobs.sort(key=lambda job: job[2]["batch_size"])  # small batches (most steps) first
     started = time.perf_counter()
-    runs = run_many(jobs, workers)
+    runs = run_many(jobs, workers, reuse=reuse)
     for run in runs:
         run["value"] = 100.0 * run["metrics"][METRIC[run["dataset"]]]
     runs.sort(key=lambda r: (r["dataset"], r["loss"], r["batch_size"], r["seed"]))

@@ -105,13 +105,13 @@ def _raw(name: str, options: dict) -> dict:
 
 
 def run_information_gap(out_dir, seeds_synthetic: int = 2, seeds_real: int = 2, quick: bool = False, workers: int = 2,
-                        overrides=()) -> str:
+                        overrides=(), reuse: bool = False) -> str:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if quick:
         seeds_synthetic = seeds_real = 1
     started = time.perf_counter()
-    runs = run_many(_jobs(out, seeds_synthetic, seeds_real, quick, tuple(overrides)), workers)
+    runs = run_many(_jobs(out, seeds_synthetic, seeds_real, quick, tuple(overrides)), workers, reuse=reuse)
     for run in runs:
         train, test, y, y_test = _representations(run["run_dir"])
         select = "log_loss" if run["part"] == "synthetic" else "acc1"

@@ -58,7 +58,8 @@ def _overrides(dataset: str, base: str, variant: str, seed: int, out: Path, quic
 
 
 def run_regularizer_table(out_dir, datasets=("uci", "emoji"), bases=("infonce", "gamma"), variants=tuple(VARIANTS),
-                          seeds: int = 3, quick: bool = False, workers: int = 2, overrides=()) -> str:
+                          seeds: int = 3, quick: bool = False, workers: int = 2, overrides=(),
+                          reuse: bool = False) -> str:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if quick:
@@ -67,7 +68,7 @@ def run_regularizer_table(out_dir, datasets=("uci", "emoji"), bases=("infonce", 
             for d in datasets for base in bases for v in variants for s in range(seeds)]
     jobs.sort(key=lambda job: job[0] != "emoji")  # the long emoji runs first
     started = time.perf_counter()
-    runs = sorted(run_many(jobs, workers), key=lambda r: (r["dataset"], r["base"], list(VARIANTS).index(r["variant"]), r["seed"]))
+    runs = sorted(run_many(jobs, workers, reuse=reuse), key=lambda r: (r["dataset"], r["base"], list(VARIANTS).index(r["variant"]), r["seed"]))
     result = {"seeds": seeds, "weights": DEFAULT_WEIGHTS, "seconds": time.perf_counter() - started, "runs": runs}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     table = regularizer_table(result)
@@ -122,7 +123,7 @@ def _verdict(cells: dict, dataset: str) -> list[str]:
     return lines + ([""] if lines else [f"- no regulariser beats its base by 1 point beyond the seed spread on {dataset}", ""])
 
 
-def sweep_weights(out_dir, seeds: int = 2, workers: int = 2, quick: bool = False, overrides=()) -> str:
+def sweep_weights(out_dir, seeds: int = 2, workers: int = 2, quick: bool = False, overrides=(), reuse: bool = False) -> str:
     """UCI (pixels <-> Fourier), InfoNCE base: each regulariser at each weight in SWEEP_WEIGHTS."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +135,7 @@ def sweep_weights(out_dir, seeds: int = 2, workers: int = 2, quick: bool = False
             for weight in SWEEP_WEIGHTS:
                 settings = _overrides("uci", "infonce", variant, s, out / f"w{weight}", quick, {name: weight})
                 jobs.append(("uci", (*settings, *overrides), {"regularizer": name, "weight": weight, "seed": s}))
-    runs = run_many(jobs, workers)
+    runs = run_many(jobs, workers, reuse=reuse)
     (out / "results.json").write_text(json.dumps({"runs": runs}, indent=1))
     cells: dict[tuple, list[float]] = {}
     for run in runs:

@@ -8,6 +8,6 @@ REGULARIZERS = {"separation": FeatureSeparation, "bridge": BrownianBridge, "cons
 REGULARIZER_ALIASES = {"sep": "separation", "br": "bridge", "gc": "consistency"}
 # Weight of each regulariser when a config gives none; chosen by the UCI weight sweep
 # (plait experiment regularizers --sweep-weights; README, "Choosing the weights").
-DEFAULT_WEIGHTS = {"separation": 0.1, "bridge": 0.1, "consistency": 0.1}
+DEFAULT_WEIGHTS = {"separation": 0.1, "bridge": 0.1, "consistency": 1.0}
 
 __all__ = ["BrownianBridge", "DEFAULT_WEIGHTS", "FeatureSeparation", "GeometricConsistency", "REGULARIZERS", "REGULARIZER_ALIASES"]

@@ -22,6 +22,9 @@ bench: $(VENV)/.installed-test
 experiments: $(VENV)/.installed
 	$(BIN)/plait experiment gradient-bias --out runs/gradient-bias
 	$(BIN)/plait experiment batch-sweep --out runs/batch-sweep
+	$(BIN)/plait experiment information-gap --out runs/information-gap
+	$(BIN)/plait experiment regularizers --sweep-weights --out runs/reg-weights
+	$(BIN)/plait experiment regularizers --out runs/regularizers
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)

@@ -84,6 +84,24 @@ class PairDataset(Dataset):
         }
 
 
+class VectorPairDataset(PairDataset):
+    """Two float32 feature matrices held in memory, ``data_a`` (N, d_a) and ``data_b`` (N, d_b):
+    ``view_a(i) = data_a[i]``, ``view_b(i) = data_b[i]``. Subclasses set both in ``__init__``."""
+
+    modalities = ("vector", "vector")
+    data_a: Tensor
+    data_b: Tensor
+
+    def __len__(self) -> int:
+        return self.data_a.shape[0]
+
+    def view_a(self, i: int) -> Tensor:
+        return self.data_a[i]
+
+    def view_b(self, i: int) -> Tensor:
+        return self.data_b[i]
+
+
 class ImagePairDataset(PairDataset):
     """Images held in memory as a uint8 tensor ``images`` (N, 3, S, S), captions in ``texts``.
 

@@ -20,15 +20,13 @@ import math
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from plait.data.base import PairDataset, check_split, select_split, stratified_split
+from plait.data.base import VectorPairDataset, check_split, select_split, stratified_split
 
 
-class InformationGapDataset(PairDataset):
+class InformationGapDataset(VectorPairDataset):
     """``(i, x_a (d_a,), x_b (d_b,))`` float32, label set ``y`` with 2^k classes."""
 
-    modalities = ("vector", "vector")
 
     def __init__(self, shared: int = 2, private_a: int = 2, private_b: int = 0, nuisance: int = 8,
                  noise: float = 0.3, size: int = 4000, split: str = "train", test_size: int | float = 1000, seed: int = 0):
@@ -58,15 +56,6 @@ class InformationGapDataset(PairDataset):
         self.data_a, self.data_b = (torch.from_numpy(x[index].astype(np.float32)) for x in arrays)
         self.labels = {"y": y[index].copy()}
         self.class_names = {"y": [format(c, f"0{bits}b") for c in range(2**bits)]}
-
-    def __len__(self) -> int:
-        return self.data_a.shape[0]
-
-    def view_a(self, i: int) -> Tensor:
-        return self.data_a[i]
-
-    def view_b(self, i: int) -> Tensor:
-        return self.data_b[i]
 
 
 def _plain_split(size: int, test_size: int | float, rng) -> tuple[np.ndarray, np.ndarray]:

@@ -26,9 +26,8 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from plait.data.base import PairDataset, check_split, package_dir, select_split, stratified_split
+from plait.data.base import VectorPairDataset, check_split, package_dir, select_split, stratified_split
 
 VIEWS = {
     "pixels": "pix",
@@ -68,7 +67,7 @@ def load_view(name: str) -> tuple[np.ndarray, np.ndarray]:
     return features, labels
 
 
-class UCIMultipleFeatures(PairDataset):
+class UCIMultipleFeatures(VectorPairDataset):
     """Two views of the same digit as float32 vectors: ``(i, x_view0 (d0,), x_view1 (d1,))``.
 
     ``views``: two view names or codes (see the module table). ``split``: "train", "test" or
@@ -78,7 +77,6 @@ class UCIMultipleFeatures(PairDataset):
     so the test split sees train statistics. Features constant in train keep std 1.
     """
 
-    modalities = ("vector", "vector")
 
     def __init__(
         self,
@@ -117,15 +115,6 @@ class UCIMultipleFeatures(PairDataset):
         self.dims = (self.data_a.shape[1], self.data_b.shape[1])
         self.labels = {"digit": labels[index].copy()}
         self.class_names = {"digit": list(DIGIT_NAMES)}
-
-    def __len__(self) -> int:
-        return self.data_a.shape[0]
-
-    def view_a(self, i: int) -> Tensor:
-        return self.data_a[i]
-
-    def view_b(self, i: int) -> Tensor:
-        return self.data_b[i]
 
     def __repr__(self) -> str:
         return f"UCIMultipleFeatures(views={self.views}, split={self.split!r}, size={len(self)}, dims={self.dims})"

@@ -40,7 +40,7 @@ def encode_texts(model, texts: list[str], batch_size: int, device: torch.device)
 def evaluate_model(model, train_set, test_set, config, device, run_dir: str | Path | None = None, info: dict | None = None) -> dict:
     """Metrics of ``model`` on ``test_set`` (probes fitted on ``train_set``'s embeddings)."""
     from plait.evaluate.probe import few_shot_probe, knn_accuracy, linear_probe
-    from plait.evaluate.retrieval import retrieval_metrics, topk_texts
+    from plait.evaluate.retrieval import retrieval_metrics
     from plait.evaluate.zero_shot import build_prompts, zero_shot_classifier, zero_shot_metrics
 
     tasks = list(config.tasks)

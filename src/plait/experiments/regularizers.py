@@ -73,6 +73,7 @@ def run_regularizer_table(out_dir, datasets=("uci", "emoji"), bases=("infonce", 
     (out / "results.json").write_text(json.dumps(result, indent=1))
     table = regularizer_table(result)
     (out / "table.md").write_text(table)
+    plot_regularizers(result, out / "regularizers.png")
     return table
 
 
@@ -101,6 +102,43 @@ def regularizer_table(result: dict) -> str:
         lines.append("")
         lines += _verdict(cells, dataset)
     return "\n".join(lines)
+
+
+def plot_regularizers(result: dict, path: Path) -> None:
+    """One panel per (dataset, metric): mean +- std over seeds per regulariser set, a bar per base loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells: dict[tuple, list[float]] = {}
+    for run in result["runs"]:
+        for key, _ in METRICS[run["dataset"]]:
+            cells.setdefault((run["dataset"], key, run["base"], run["variant"]), []).append(100.0 * run["metrics"][key])
+    panels = [(d, key, label) for d in sorted({k[0] for k in cells}) for key, label in METRICS[d]]
+    bases = [b for b in ("infonce", "gamma") if any(k[2] == b for k in cells)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    width = 0.8 / max(len(bases), 1)
+    for ax, (dataset, key, label) in zip(axes[0], panels):
+        for j, base in enumerate(bases):
+            values = [cells.get((dataset, key, base, v), []) for v in VARIANTS]
+            means = [statistics.fmean(v) if v else float("nan") for v in values]
+            stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            xs = [i + (j - (len(bases) - 1) / 2) * width for i in range(len(VARIANTS))]
+            ax.bar(xs, means, width, yerr=stds, capsize=3, label=base, color=("tab:blue", "tab:red")[j % 2])
+        shown = [m for base in bases for v in VARIANTS for m in cells.get((dataset, key, base, v), [])]
+        low, high = min(shown), max(shown)
+        pad = max(1.0, 0.15 * (high - low))
+        ax.set_ylim(max(0.0, low - 3 * pad), high + pad)
+        ax.set_xticks(range(len(VARIANTS)), list(VARIANTS))
+        ax.set_title(f"{dataset}: {label}", fontsize=9)
+        ax.set_ylabel("%")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"E4: regularisers on each base loss (mean +- std over {result['seeds']} seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _verdict(cells: dict, dataset: str) -> list[str]:

@@ -18,6 +18,7 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/loss_speed.py
 	$(BIN)/python benchmarks/trainer_throughput.py
+	$(BIN)/python benchmarks/trainer_throughput.py --config uci
 
 experiments: $(VENV)/.installed
 	$(BIN)/plait experiment gradient-bias --out runs/gradient-bias

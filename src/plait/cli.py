@@ -95,6 +95,9 @@ def _experiment_regularizers(args: argparse.Namespace) -> int:
     return 0
 
 
+REUSE_HELP = "keep runs whose directory already holds the final evaluation of the same config"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plait", description="Contrastive representation learning without the large-batch tax.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -145,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", type=int, default=3)
     sweep.add_argument("--workers", type=int, default=2)
     sweep.add_argument("--quick", action="store_true", help="2 batch sizes, 1 seed, few steps")
-    sweep.add_argument("--reuse", action="store_true", help="keep runs whose directory already holds the final evaluation of the same config")
+    sweep.add_argument("--reuse", action="store_true", help=REUSE_HELP)
     sweep.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     sweep.set_defaults(handler=_experiment_batch_sweep)
 
@@ -154,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     gap.add_argument("--seeds", type=int, default=2)
     gap.add_argument("--workers", type=int, default=2)
     gap.add_argument("--quick", action="store_true")
-    gap.add_argument("--reuse", action="store_true", help="keep runs whose directory already holds the final evaluation of the same config")
+    gap.add_argument("--reuse", action="store_true", help=REUSE_HELP)
     gap.add_argument("overrides", nargs="*")
     gap.set_defaults(handler=_experiment_information_gap)
 
@@ -165,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--workers", type=int, default=2)
     table.add_argument("--sweep-weights", action="store_true", help="UCI weight sweep that chose the default weights")
     table.add_argument("--quick", action="store_true")
-    table.add_argument("--reuse", action="store_true", help="keep runs whose directory already holds the final evaluation of the same config")
+    table.add_argument("--reuse", action="store_true", help=REUSE_HELP)
     table.add_argument("overrides", nargs="*")
     table.set_defaults(handler=_experiment_regularizers)
     return parser

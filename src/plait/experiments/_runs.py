@@ -27,8 +27,8 @@ def finished_metrics(run_dir: Path, config_yaml: str) -> dict | None:
 def run_training(job: tuple[str, tuple[str, ...], dict], reuse: bool = False) -> dict:
     """Train ``config_name`` with ``overrides`` in this process; return ``tags`` + metrics.
 
-    With ``reuse`` a run whose directory already holds the final evaluation of the identical
-    config is not trained again (``"reused": True`` in the result). The checkpoint is deleted
+    With ``reuse`` a run whose directory already holds the final evaluation of the same
+    settings (see ``finished_metrics``) is not trained again (``"reused": True`` in the result). The checkpoint is deleted
     afterwards (exported weights, metrics and eval.json stay)."""
     import torch
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from plait._checks import integer_vector
+
 
 def as_features(features: Tensor, name: str) -> Tensor:
     """Check a (N, d) floating-point tensor with finite entries; return it in float32."""
@@ -34,13 +36,7 @@ def as_features(features: Tensor, name: str) -> Tensor:
 
 def as_labels(labels: Tensor, name: str, length: int, device: torch.device) -> Tensor:
     """Check an integer tensor of shape (length,); return it as int64 on ``device``."""
-    if not isinstance(labels, Tensor):
-        raise ValueError(f"{name} must be an integer torch.Tensor of shape ({length},), got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
-    if labels.shape != (length,):
-        raise ValueError(f"{name} must have shape ({length},), got {tuple(labels.shape)}")
-    return labels.detach().to(device=device, dtype=torch.long)
+    return integer_vector(labels, name, length, device).detach()
 
 
 def same_dim_and_device(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:

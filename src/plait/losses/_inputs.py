@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from plait._checks import integer_vector
+
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype is computed in float32."""
@@ -72,13 +74,7 @@ def check_mode(mode: str) -> str:
 
 def check_index(index: Tensor, batch_size: int, dataset_size: int, device: torch.device) -> Tensor:
     """Dataset indices of the batch rows: an integer tensor of shape (B,) inside [0, N)."""
-    if not isinstance(index, Tensor):
-        raise ValueError(f"index must be an integer torch.Tensor of shape ({batch_size},), got {type(index).__name__}")
-    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
-        raise ValueError(f"index must be an integer tensor, got dtype {index.dtype}")
-    if index.shape != (batch_size,):
-        raise ValueError(f"index must have shape ({batch_size},) to match the features, got {tuple(index.shape)}")
-    index = index.to(device=device, dtype=torch.long)
+    index = integer_vector(index, "index", batch_size, device, " to match the features")
     low, high = int(index.min()), int(index.max())
     if low < 0 or high >= dataset_size:
         bad = low if low < 0 else high

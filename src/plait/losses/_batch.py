@@ -72,40 +72,56 @@ class PairBatch:
             return self.logits.new_full((2, self.size), float(count))
         return self._masks()[2].sum(dim=-1).to(self.logits.dtype).reshape(2, -1)
 
-    def log_partition(self, positive_weight: float, negative_weight: float) -> Tensor:
+    def log_partition(self, positive_weight: float, negative_weight: float, means: bool = False):
         """(2, B) log of  positive_weight * mean_{c pos} exp(s_rc) + negative_weight * mean_{c neg} exp(s_rc).
 
-        A weight of 0 drops that group. Differentiable in ``logits``.
+        A weight of 0 drops that group. Differentiable in ``logits``. ``means=True`` returns
+        (log partition, mean logit) where the mean logit sum_c p_rc s_rc under the weighted
+        softmax p is detached: d log partition / d log(scale).
         """
         log_pw = math.log(positive_weight) if positive_weight > 0 else -math.inf
         log_nw = math.log(negative_weight) if negative_weight > 0 else -math.inf
         if not self.has_duplicates:
-            return self._log_partition_distinct(log_pw, log_nw)
+            return self._log_partition_distinct(log_pw, log_nw, means)
         anchor_rows, positive, negative = self._masks()
         n_pos = positive.sum(dim=-1, keepdim=True).clamp(min=1).to(self.logits.dtype)
         n_neg = negative.sum(dim=-1, keepdim=True).to(self.logits.dtype)
         log_w = torch.full_like(anchor_rows, -math.inf)
         log_w = torch.where(positive, log_pw - n_pos.log(), log_w)
         log_w = torch.where(negative, log_nw - n_neg.log(), log_w)
-        return torch.logsumexp(anchor_rows + log_w, dim=-1).reshape(2, -1)
+        weighted = anchor_rows + log_w
+        lse = torch.logsumexp(weighted, dim=-1)
+        if not means:
+            return lse.reshape(2, -1)
+        with torch.no_grad():
+            p = (weighted.detach() - lse.detach()[:, None]).exp()
+            mean = torch.where(p > 0, p * anchor_rows.detach(), torch.zeros_like(p)).sum(dim=-1)
+        return lse.reshape(2, -1), mean.reshape(2, -1)
 
-    def _log_partition_distinct(self, log_pw: float, log_nw: float) -> Tensor:
+    def _log_partition_distinct(self, log_pw: float, log_nw: float, means: bool):
         batch = self.size
         if log_nw == -math.inf:  # positives only: each anchor has exactly one
-            return self.positive + log_pw
+            value = self.positive + log_pw
+            return (value, self.positive.detach()) if means else value
         if self.mode == "bimodal":
             log_nw -= math.log(batch - 1)
             diagonals = ((0, log_pw),)
             if self.column_logits is None:
-                rows, columns = weighted_logsumexp(self.logits, log_nw, diagonals)
+                out = weighted_logsumexp(self.logits, log_nw, diagonals, means=means)
+                rows, columns = out[0], out[1]
+                row_mean, column_mean = (out[2], out[3]) if means else (None, None)
             else:
-                rows, _ = weighted_logsumexp(self.logits, log_nw, diagonals, columns=False)
-                _, columns = weighted_logsumexp(self.column_logits, log_nw, diagonals, rows=False)
-            return torch.stack([rows, columns])
+                out_rows = weighted_logsumexp(self.logits, log_nw, diagonals, columns=False, means=means)
+                out_columns = weighted_logsumexp(self.column_logits, log_nw, diagonals, rows=False, means=means)
+                rows, columns = out_rows[0], out_columns[1]
+                row_mean, column_mean = (out_rows[2], out_columns[3]) if means else (None, None)
+            value = torch.stack([rows, columns])
+            return (value, torch.stack([row_mean, column_mean])) if means else value
         log_nw -= math.log(2 * batch - 2)
         diagonals = ((0, -math.inf), (batch, log_pw), (-batch, log_pw))
-        rows, _ = weighted_logsumexp(self.logits, log_nw, diagonals, columns=False)
-        return rows.reshape(2, batch)
+        out = weighted_logsumexp(self.logits, log_nw, diagonals, columns=False, means=means)
+        value = out[0].reshape(2, batch)
+        return (value, out[2].reshape(2, batch)) if means else value
 
     def _masks(self) -> tuple[Tensor, Tensor, Tensor]:
         """Logits arranged with one anchor per row, and its positive and negative masks.

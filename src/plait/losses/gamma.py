@@ -12,15 +12,11 @@ import torch
 from torch import Tensor
 
 from plait.losses._batch import PairBatch
-from plait.losses._inputs import check_mode, check_temperature, prepare_pair
+from plait.losses._inputs import check_mode, check_temperature, prepare_pair, resolve_scale
 from plait.losses._state import PerSampleState
 
-ESTIMATORS = ("ema", "exact", "memory")
-
-# Cap on log(u_i * Zbatch_i), the weight of an anchor's candidates in the M-step gradient. With a
-# fresh state the weight is about 1; only a badly stale rate estimate comes near e^30, and the
-# cap keeps its gradient finite instead of overflowing to inf/NaN.
-MAX_LOG_WEIGHT = 30.0
+ESTIMATORS = ("auto", "ema", "exact", "memory")
+ANCHOR_GRADIENTS = ("batch", "table")
 
 
 class GammaContrastiveLoss(PerSampleState):
@@ -35,29 +31,39 @@ class GammaContrastiveLoss(PerSampleState):
 
     - **E-step**: u_i ~ Gamma(shape, rate=shape * Zhat_i), so E[u_i] = 1/Zhat_i; ``shape=inf``
       gives u_i = 1/Zhat_i (SogCLR's deterministic estimator).
-    - **M-step**: the gradient of mean_i [ -s_ii + u_i * Zbatch_i ], with the unbiased batch
-      estimate (the positive weighted 1/N, not 1/B)::
+    - **M-step**: the gradient of mean_i [ -s_ii + min(u_i * Zbatch_i, max_weight) * log Zbatch_i ]
+      (the weight detached), i.e. u_i * grad Zbatch_i with the weight bounded by ``max_weight``,
+      and the unbiased batch estimate (the positive weighted 1/N, not 1/B)::
 
           Zbatch_i = 1/N exp(s_ii) + (N-1)/N * mean_{j in batch, j != i} exp(s_ij)
 
     The rate estimate Zhat_i comes from ``estimator``:
 
-    - ``"ema"``: a per-item moving average of Zbatch_i over the item's visits, in log space,
-      with weight max(gamma, 1/visits) on the newest estimate (the first visit takes the batch
-      estimate, then a running mean until 1/visits < gamma). The E-step reads the state of the
-      earlier visits, so u_i is independent of this batch's negatives.
-    - ``"exact"``: Z_i over all N items with the current model; pass
-      ``candidates=(all_features_a, all_features_b)`` (N, d). The test reference; small N.
-    - ``"memory"``: the current anchor against a bank of every item's latest features
-      (``memory_candidates`` random bank entries per step instead of all N, if set); only the
-      negatives are stale, never the anchor.
+    - ``"memory"``: the *current* anchor against a bank of every item's latest features
+      (``memory_candidates`` random bank rows per step instead of all N, if set); only the
+      negatives are stale, never the anchor, and the logit scale is applied at its current
+      value. The bank costs 2 N d floats and B N d multiply-adds per step.
+    - ``"ema"``: a per-item exponential moving average of Zbatch_i over the item's visits, in log
+      space: the first visit copies the batch estimate, later visits take weight gamma_k on it::
 
-    With a table (``exact``, ``memory``), ``anchor_gradient="table"`` (the default) splits the
-    M-step gradient of Z_i = sum_j w_j exp(s_ij) by where it flows: the anchor side (a_i and the
-    logit scale) is taken over every table candidate (the batch's own candidates fresh), and only
-    the candidate side (b_j) comes from the batch estimate. With an exact table both parts are
-    unbiased, and at B = 4 the per-step gradient spread drops by an order of magnitude (E1).
-    ``anchor_gradient="batch"`` uses the table for the E-step only.
+          log Zhat_i <- log( (1 - gamma_k) Zhat_i + gamma_k Zbatch_i )
+
+      with gamma_k = ``gamma`` (``gamma_decay_visits=0``) or a cosine decay from 1 at the first
+      visit to ``gamma`` after ``gamma_decay_visits`` visits (FastCLIP's schedule, per item).
+      Each entry stores the logit scale it was computed at and the slope d log Z / d scale
+      (the softmax-weighted mean cosine); reading it at another scale applies the first-order
+      correction log Z(s) = log Z(s0) + (s - s0) * slope. O(N) floats of state.
+    - ``"exact"``: Z_i over all N items with the current model: pass
+      ``candidates=(all_features_a, all_features_b)`` (N, d), or call ``refresh_bank`` with them
+      before the step (what the trainer does when ``needs_candidates()``). Small N only.
+    - ``"auto"`` (default): ``memory`` when its bank (2 N d float32) fits in ``bank_budget_mb``,
+      else ``ema``; resolved at the first call, when d is known.
+
+    With a table (``exact``, ``memory``), ``anchor_gradient="batch"`` (the default) uses the
+    table for the E-step only; ``"table"`` also takes the anchor side of the M-step gradient
+    (a_i and the logit scale) over every table candidate and only the candidate side (b_j)
+    from the batch estimate: unbiased and far less noisy with an exact table, but over a bank of
+    stale rows it pushes anchors away from where the candidates *were* (docs/losses.md).
 
     ``mode="bimodal"`` averages the directions a->b and b->a, as CLIP's loss does;
     ``mode="unimodal"`` is the NT-Xent form: each of the 2B views is an anchor whose candidates
@@ -65,8 +71,9 @@ class GammaContrastiveLoss(PerSampleState):
 
     The returned value is mean_i (-s_ii + log Zhat_i), the E-step's estimate of the generalised
     loss (equal to it for ``estimator="exact"``); its gradient is the M-step gradient. The
-    per-sample state (see ``PerSampleState``) and the sampler's random state are buffers, so they
-    are saved and restored with ``state_dict()``; the state changes only in training mode.
+    per-sample state (see ``PerSampleState``), the bank and the sampler's random state are
+    buffers, saved and restored with ``state_dict()``; the state changes only in training mode,
+    and only for items whose new estimate is finite (a non-finite feature row poisons no state).
 
     Shapes: ``features_a``, ``features_b`` (B, d); ``index`` (B,) integer dataset indices;
     returns a scalar.
@@ -77,13 +84,17 @@ class GammaContrastiveLoss(PerSampleState):
         dataset_size: int,
         temperature: float = 0.1,
         shape: float = float("inf"),
-        estimator: str = "ema",
-        gamma: float = 0.1,
+        estimator: str = "auto",
+        gamma: float = 0.9,
+        gamma_decay_visits: int = 0,
         seed: int = 0,
         mode: str = "bimodal",
         normalize: bool = True,
         memory_candidates: int | None = None,
-        anchor_gradient: str = "table",
+        anchor_gradient: str = "batch",
+        bank_budget_mb: float = 256.0,
+        bank_refresh_steps: int = 0,
+        max_weight: float = 20.0,
         chunk_size: int = 16384,
     ):
         super().__init__(dataset_size)
@@ -94,78 +105,151 @@ class GammaContrastiveLoss(PerSampleState):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
             raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+        for name, value in (("gamma_decay_visits", gamma_decay_visits), ("bank_refresh_steps", bank_refresh_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if memory_candidates is not None and (not isinstance(memory_candidates, int) or memory_candidates < 1):
             raise ValueError(f"memory_candidates must be a positive integer or None, got {memory_candidates!r}")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if anchor_gradient not in ANCHOR_GRADIENTS:
+            raise ValueError(f"anchor_gradient must be one of {ANCHOR_GRADIENTS}, got {anchor_gradient!r}")
+        if not (isinstance(bank_budget_mb, (int, float)) and bank_budget_mb >= 0):
+            raise ValueError(f"bank_budget_mb must be a non-negative number, got {bank_budget_mb!r}")
+        if not (isinstance(max_weight, (int, float)) and max_weight >= 1):
+            raise ValueError(f"max_weight must be a number >= 1 (or float('inf')), got {max_weight!r}")
         self.shape = float(shape)
         self.estimator = estimator
         self.gamma = float(gamma)
+        self.gamma_decay_visits = gamma_decay_visits
         self.mode = check_mode(mode)
         self.normalize = normalize
         self.memory_candidates = memory_candidates
-        if anchor_gradient not in ("table", "batch"):
-            raise ValueError(f"anchor_gradient must be 'table' or 'batch', got {anchor_gradient!r}")
         self.anchor_gradient = anchor_gradient
+        self.bank_budget_mb = float(bank_budget_mb)
+        self.bank_refresh_steps = bank_refresh_steps
+        self.max_weight = float(max_weight)
         self.chunk_size = chunk_size
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
         self.register_buffer("rng_state", self._generator.get_state())
-        # Memory bank (2, N, d) of the latest features of each item, allocated at the first call.
+        # ema: the logit scale each entry was computed at, and its slope d log Z / d scale.
+        self.register_buffer("scale_at", torch.zeros(dataset_size))
+        self.register_buffer("slope", torch.zeros(2, dataset_size))
+        # Memory bank (2, N, d) of the latest features of each item, allocated at the first call;
+        # ``in_bank`` marks the rows written; ``bank_step`` the step of the last full refresh.
         self.register_buffer("bank", torch.empty(0))
+        self.register_buffer("in_bank", torch.zeros(dataset_size, dtype=torch.bool))
+        self.register_buffer("bank_step", torch.full((), -1, dtype=torch.long))
+
+    # ---------------------------------------------------------------------------------- estimator
+    def resolved_estimator(self, dim: int) -> str:
+        """``estimator`` with ``"auto"`` resolved for features of dimension ``dim``."""
+        if self.estimator != "auto":
+            return self.estimator
+        bank_mb = 2 * self.dataset_size * dim * 4 / 2**20
+        return "memory" if bank_mb <= self.bank_budget_mb else "ema"
+
+    def needs_candidates(self, dim: int) -> bool:
+        """Whether the next step wants ``refresh_bank`` with every item's current features:
+        always for ``exact``, every ``bank_refresh_steps`` steps for ``memory``."""
+        estimator = self.resolved_estimator(dim)
+        if estimator == "exact":
+            return True
+        return estimator == "memory" and self.bank_refresh_steps > 0 and int(self.step) % self.bank_refresh_steps == 0
+
+    @torch.no_grad()
+    def refresh_bank(self, features_a: Tensor, features_b: Tensor) -> None:
+        """Write every item's features (N, d) into the bank (the ``exact`` table of this step)."""
+        a, b = prepare_pair(features_a, features_b, self.normalize)
+        if a.shape[0] != self.dataset_size:
+            raise ValueError(f"refresh_bank needs the features of all {self.dataset_size} items, got {a.shape[0]} rows")
+        self.check_device(a.device)
+        self._ensure_bank(a)
+        self.bank[0].copy_(a)
+        self.bank[1].copy_(b)
+        self.in_bank.fill_(True)
+        self.bank_step.fill_(int(self.step))
+
+    def _ensure_bank(self, a: Tensor) -> None:
+        if self.bank.numel() == 0:
+            self.bank = torch.zeros(2, self.dataset_size, a.shape[1], dtype=a.dtype, device=a.device)
+        if self.bank.shape[-1] != a.shape[1]:
+            raise ValueError(f"the memory bank holds features of dim {self.bank.shape[-1]}, got dim {a.shape[1]}")
 
     def forward(
         self,
         features_a: Tensor,
         features_b: Tensor,
-        index: Tensor,
         logit_scale: Tensor | float | None = None,
+        *,
+        index: Tensor,
         candidates: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         a, b, scale, batch = self.prepare_batch(features_a, features_b, index, logit_scale)
         index = batch.index
+        estimator = self.resolved_estimator(a.shape[1])
         n = self.candidate_count
-        log_zbatch = batch.log_partition(1.0 / n, (n - 1.0) / n)  # (2, B): Zbatch, both sides differentiable
-
-        table = self._table(a, candidates)
-        if table is None:
-            with torch.no_grad():
-                first = (self.visits[index] == 0)[None, :]
-                log_zhat = torch.where(first, log_zbatch.detach(), self.log_z[:, index].to(a.dtype))
+        slope = None
+        if estimator == "ema":
+            if candidates is not None:
+                raise ValueError(f"candidates= is only used by estimator='exact', not {estimator!r}")
+            log_zbatch, mean_logit = batch.log_partition(1.0 / n, (n - 1.0) / n, means=True)
+            slope = mean_logit / scale.detach()  # d log Zbatch / d scale: the weighted mean cosine
+            log_zhat = self._ema_estimate(index, scale.detach(), log_zbatch.detach())
             terms = [log_zbatch]
         else:
+            log_zbatch = batch.log_partition(1.0 / n, (n - 1.0) / n)  # (2, B), differentiable
+            table = self._table(a, candidates, estimator)
             log_zhat, terms = self._table_estimates(batch, a, b, scale, log_zbatch, *table)
 
         with torch.no_grad():
             log_u = self._draw_log_u(log_zhat)
+            log_weights = [log_u + log_zx.detach() for log_zx in terms]
+            log_cap = math.log(self.max_weight)
             self.stats = {
                 "state_age": self.state_age(index).float().mean(),
                 "log_ratio": (log_zbatch.detach() - log_zhat).abs().mean(),
+                "weight_clamped": torch.stack([(w > log_cap).float().mean() for w in log_weights]).mean(),
             }
             if self.training:
-                self._update_state(batch, log_zbatch.detach(), log_zhat, a, b)
+                self._update_state(batch, estimator, log_zbatch.detach(), log_zhat, slope, scale.detach(), a, b)
 
         # Value: -s_ii + log Zhat_i. Gradient: -grad s_ii + u_i * grad Z_x summed over the M-step
-        # terms, written as u * Z_x * grad log Z_x so that nothing leaves log space.
+        # terms, written as (u * Z_x) * grad log Z_x so that nothing leaves log space.
         loss = log_zhat - batch.positive
-        for log_zx in terms:
-            weight = (log_u + log_zx.detach()).clamp(max=MAX_LOG_WEIGHT).exp()
-            loss = loss + weight * (log_zx - log_zx.detach())
+        for log_zx, log_weight in zip(terms, log_weights):
+            loss = loss + log_weight.clamp(max=log_cap).exp() * (log_zx - log_zx.detach())
         return loss.mean()
 
+    def _ema_estimate(self, index: Tensor, scale: Tensor, log_zbatch: Tensor) -> Tensor:
+        """The stored rate carried to the current scale; the batch estimate on a first visit."""
+        with torch.no_grad():
+            first = (self.visits[index] == 0)[None, :]
+            moved = (scale - self.scale_at[index].to(scale.dtype))[None, :] * self.slope[:, index].to(scale.dtype)
+            stored = self.log_z[:, index].to(log_zbatch.dtype) + moved
+            return torch.where(first, log_zbatch, stored)
+
+    def gamma_for(self, visit: Tensor) -> Tensor:
+        """gamma_k, the weight of the newest batch estimate at the k-th visit (k >= 2)."""
+        if self.gamma_decay_visits == 0:
+            return torch.full(visit.shape, self.gamma, dtype=torch.float64, device=visit.device)
+        progress = ((visit - 1).double() / self.gamma_decay_visits).clamp(0.0, 1.0)
+        return self.gamma + (1.0 - self.gamma) * 0.5 * (1.0 + torch.cos(math.pi * progress))
+
     # ---------------------------------------------------------------------------------- E-step
-    def _table(self, a: Tensor, candidates: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor | None] | None:
-        """(table_a, table_b, seen) of every item's features for the table estimators (seen=None:
-        all rows are current), or None for ``ema``."""
-        if candidates is not None and self.estimator != "exact":
-            raise ValueError(f"candidates= is only used by estimator='exact', not {self.estimator!r}")
-        if self.estimator == "ema":
-            return None
-        if self.estimator == "exact":
+    def _table(self, a: Tensor, candidates: tuple[Tensor, Tensor] | None, estimator: str) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(table_a, table_b, usable) of every item's features for the table estimators
+        (usable=None: all rows are current)."""
+        if candidates is not None and estimator != "exact":
+            raise ValueError(f"candidates= is only used by estimator='exact', not {estimator!r}")
+        if estimator == "exact":
             if candidates is None:
+                if self.bank.numel() and int(self.bank_step) == int(self.step):
+                    return self.bank[0].to(a.dtype), self.bank[1].to(a.dtype), None
                 raise ValueError(
                     "estimator='exact' needs candidates=(features_a, features_b) of all "
-                    f"{self.dataset_size} items, computed with the current model"
+                    f"{self.dataset_size} items computed with the current model, or refresh_bank() before each step"
                 )
             with torch.no_grad():
                 table_a, table_b = prepare_pair(*candidates, self.normalize)
@@ -175,15 +259,12 @@ class GammaContrastiveLoss(PerSampleState):
                     f"got {tuple(table_a.shape)}"
                 )
             return table_a.to(a.device), table_b.to(a.device), None
-        if self.bank.numel() == 0:
-            self.bank = torch.zeros(2, self.dataset_size, a.shape[1], dtype=a.dtype, device=a.device)
-        if self.bank.shape[-1] != a.shape[1]:
-            raise ValueError(f"the memory bank holds features of dim {self.bank.shape[-1]}, got dim {a.shape[1]}")
+        self._ensure_bank(a)
         # ``.data``: the bank rows of this batch are rewritten before backward, which autograd
         # would refuse; those rows are masked out of the table terms (weight 0), so the
         # gradient does not depend on them.
         bank = self.bank.data
-        return bank[0].to(a.dtype), bank[1].to(a.dtype), self.visits > 0
+        return bank[0].to(a.dtype), bank[1].to(a.dtype), self.in_bank
 
     def _table_estimates(
         self, batch: PairBatch, a: Tensor, b: Tensor, scale: Tensor, log_zbatch: Tensor,
@@ -203,7 +284,7 @@ class GammaContrastiveLoss(PerSampleState):
         n = self.candidate_count
         log_neg_weight = math.log((n - 1) / n)
         columns = None  # every table row
-        if self.estimator == "memory" and self.memory_candidates is not None and self.memory_candidates < self.dataset_size:
+        if seen is not None and self.memory_candidates is not None and self.memory_candidates < self.dataset_size:
             columns = torch.randint(self.dataset_size, (self.memory_candidates,), generator=self._generator).to(a.device)
         usable = torch.ones(self.dataset_size, dtype=torch.bool, device=a.device) if seen is None else seen.clone()
         usable[batch.index] = False  # the batch's own candidates enter fresh, from the batch
@@ -237,23 +318,94 @@ class GammaContrastiveLoss(PerSampleState):
         return draws.to(device=log_zhat.device, dtype=log_zhat.dtype).log() - math.log(self.shape) - log_zhat
 
     # ---------------------------------------------------------------------------------- state
-    def _update_state(self, batch: PairBatch, log_zbatch: Tensor, log_zhat: Tensor, a: Tensor, b: Tensor) -> None:
+    def _update_state(self, batch: PairBatch, estimator: str, log_zbatch: Tensor, log_zhat: Tensor,
+                      slope: Tensor | None, scale: Tensor, a: Tensor, b: Tensor) -> None:
+        """Write the new estimates of the batch's items, only where they are finite."""
         unique, inverse = batch.unique, batch.inverse
-        if self.estimator == "ema":
+        if estimator == "ema":
             fresh = self.reduce_duplicates(unique, inverse, log_zbatch, log_space=True)
-            visits = (self.visits[unique] + 1).to(fresh.dtype)
-            weight = torch.clamp(1.0 / visits, min=self.gamma)
-            old = self.log_z[:, unique].to(fresh.dtype)
+            fresh_slope = self.reduce_duplicates(unique, inverse, slope, log_space=False)
+            first = self.visits[unique] == 0
+            weight = self.gamma_for(self.visits[unique] + 1).to(fresh.dtype)
+            moved = (scale - self.scale_at[unique].to(fresh.dtype)) * self.slope[:, unique].to(fresh.dtype)
+            old = self.log_z[:, unique].to(fresh.dtype) + moved  # the stored rate at the current scale
             new = torch.logaddexp(torch.log1p(-weight) + old, weight.log() + fresh)
-            new = torch.where(visits == 1, fresh, new)
+            new = torch.where(first, fresh, new)
+            new_slope = torch.where(first, fresh_slope, (1 - weight) * self.slope[:, unique].to(fresh.dtype) + weight * fresh_slope)
+            ok = torch.isfinite(new).all(0) & torch.isfinite(new_slope).all(0) & torch.isfinite(scale)
+            unique = unique[ok]
+            self.slope[:, unique] = new_slope[:, ok].to(self.slope.dtype)
+            self.scale_at[unique] = scale.to(self.scale_at.dtype)
         else:
             new = self.reduce_duplicates(unique, inverse, log_zhat, log_space=True)
-            if self.estimator == "memory":
+            ok = torch.isfinite(new).all(0)
+            if estimator == "memory":
                 features = torch.stack([a, b])  # (2, B, d)
-                means = self.reduce_duplicates(unique, inverse, features.transpose(1, 2), log_space=False)
-                self.bank[:, unique] = means.transpose(1, 2).to(self.bank.dtype)
-        self.log_z[:, unique] = new.to(self.log_z.dtype)
+                means = self.reduce_duplicates(batch.unique, inverse, features.transpose(1, 2), log_space=False).transpose(1, 2)
+                ok = ok & torch.isfinite(means).all(-1).all(0)
+                self.bank[:, unique[ok]] = means[:, ok].to(self.bank.dtype)
+                self.in_bank[unique[ok]] = True
+            unique = unique[ok]
+        self.log_z[:, unique] = new[:, ok].to(self.log_z.dtype)
         self.record_visit(unique)
+
+    # ---------------------------------------------------------------------------------- staleness
+    @torch.no_grad()
+    def staleness(self, features_a: Tensor, features_b: Tensor, logit_scale: Tensor | float | None = None,
+                  batch_size: int = 32, seed: int = 0) -> dict[str, float]:
+        """How far the E-step's rate is from the truth on a frozen snapshot of all N items.
+
+        With log Z_i the exact rate of every item under the snapshot (N, d) features:
+
+        - ``staleness_log_error`` = mean_i |log Zhat_i - log Z_i| over the items with state,
+          Zhat_i what the E-step would use now (the stored, scale-corrected ``ema`` entry; for a
+          bank, the snapshot anchor against the bank rows): the error from staleness;
+        - ``staleness_log_bias`` = mean_i (log Zhat_i - log Z_i);
+        - ``batch_log_error`` = mean_i |log Zbatch_i - log Z_i| over a seeded partition of the
+          items into batches of ``batch_size``: the noise of one fresh batch, for comparison.
+        """
+        a, b = prepare_pair(features_a, features_b, self.normalize)
+        if a.shape[0] != self.dataset_size:
+            raise ValueError(f"staleness needs the features of all {self.dataset_size} items, got {a.shape[0]} rows")
+        scale = resolve_scale(logit_scale, self.temperature, a)
+        n = self.candidate_count
+        everyone = torch.arange(self.dataset_size, device=a.device)
+        tables = ((b,), (a,)) if self.mode == "bimodal" else ((b, a), (a, b))
+        truth = torch.stack([_scan_tables((a, b)[d], tables[d], None, None, scale, self.chunk_size, everyone)[0]
+                             for d in range(2)])
+        positive = scale * (a * b).sum(1)
+        if self.mode == "bimodal":  # the scan excluded the own row j = i, the positive: add it back
+            truth = torch.logaddexp(truth, positive[None, :])
+        else:  # unimodal: the scan excluded the anchor's own row in both tables; the partner is a candidate
+            truth = torch.logaddexp(truth, positive[None, :])
+        truth = truth - math.log(n)
+        estimator = self.resolved_estimator(a.shape[1])
+        if estimator == "ema":
+            have = self.visits > 0
+            estimate = self._ema_estimate(everyone, scale, truth)
+        else:
+            have = self.in_bank.clone()
+            if self.bank.numel() == 0:
+                estimate = truth.clone()
+            else:
+                bank_tables = ((self.bank[1],), (self.bank[0],)) if self.mode == "bimodal" else ((self.bank[1], self.bank[0]), (self.bank[0], self.bank[1]))
+                scans = [_scan_tables((a, b)[d], bank_tables[d], None, self.in_bank, scale, self.chunk_size, everyone) for d in range(2)]
+                lse, count = torch.stack([s[0] for s in scans]), torch.stack([s[1] for s in scans])
+                log_neg = lse - count.clamp(min=1).log() + math.log((n - 1) / n)
+                estimate = torch.logaddexp(positive[None, :] - math.log(n), log_neg)
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(self.dataset_size, generator=generator).to(a.device)
+        errors = []
+        for chunk in order.split(batch_size):
+            if chunk.numel() < 2:
+                continue
+            batch = PairBatch.build(a[chunk], b[chunk], scale, chunk, self.mode)
+            errors.append((batch.log_partition(1.0 / n, (n - 1.0) / n) - truth[:, chunk]).abs().flatten())
+        result = {"batch_log_error": float(torch.cat(errors).mean())}
+        if have.any():
+            diff = (estimate - truth)[:, have]
+            result.update(staleness_log_error=float(diff.abs().mean()), staleness_log_bias=float(diff.mean()))
+        return result
 
     # ---------------------------------------------------------------------------------- saving
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -261,6 +413,8 @@ class GammaContrastiveLoss(PerSampleState):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for name in ("scale_at", "slope", "in_bank", "bank_step"):  # state saved before these existed
+            state_dict.setdefault(prefix + name, getattr(self, name))
         saved_bank = state_dict.get(prefix + "bank")
         if saved_bank is not None and saved_bank.shape != self.bank.shape:
             if self.bank.numel() == 0 or saved_bank.numel() == 0:
@@ -272,28 +426,32 @@ class GammaContrastiveLoss(PerSampleState):
     def extra_repr(self) -> str:
         return (
             f"dataset_size={self.dataset_size}, temperature={self.temperature}, shape={self.shape}, "
-            f"estimator={self.estimator!r}, gamma={self.gamma}, mode={self.mode!r}"
+            f"estimator={self.estimator!r}, gamma={self.gamma}, gamma_decay_visits={self.gamma_decay_visits}, "
+            f"mode={self.mode!r}, anchor_gradient={self.anchor_gradient!r}, max_weight={self.max_weight}"
         )
 
 
 def _scan_tables(
-    anchors: Tensor, tables: tuple[Tensor, ...], columns: Tensor | None, usable: Tensor, scale: Tensor, chunk: int
+    anchors: Tensor, tables: tuple[Tensor, ...], columns: Tensor | None, usable: Tensor | None, scale: Tensor, chunk: int,
+    anchor_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(B,) log-sum-exp of scale * <anchor, T_j>, and the count, over the ``usable`` table rows j
-    among ``columns`` (None: all), ``chunk`` rows at a time: O(B * chunk) memory without gradient."""
+    """(B,) log-sum-exp of scale * <anchor, T_j>, and the count, over the ``usable`` (None: all)
+    table rows j among ``columns`` (None: all), ``chunk`` rows at a time: O(B * chunk) memory.
+    With ``anchor_index`` (B,), the row j = anchor_index of every table is left out."""
     size = anchors.shape[0]
     lse, count = anchors.new_full((size,), -math.inf), anchors.new_zeros(size)
     total = tables[0].shape[0] if columns is None else columns.numel()
     for table in tables:
         for start in range(0, total, chunk):
-            if columns is None:
-                rows, ok = table[start:start + chunk], usable[start:start + chunk]
-            else:
-                cols = columns[start:start + chunk]
-                rows, ok = table[cols], usable[cols]
-            logits = (scale * (anchors @ rows.T)).masked_fill(~ok[None, :], -math.inf)
+            cols = torch.arange(start, min(start + chunk, total), device=anchors.device) if columns is None else columns[start:start + chunk]
+            rows = table[start:start + chunk] if columns is None else table[cols]
+            ok = torch.ones(cols.shape, dtype=torch.bool, device=anchors.device) if usable is None else usable[cols]
+            ok = ok[None, :].expand(size, -1)
+            if anchor_index is not None:
+                ok = ok & (cols[None, :] != anchor_index[:, None])
+            logits = (scale * (anchors @ rows.T)).masked_fill(~ok, -math.inf)
             lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
-            count = count + ok.sum()
+            count = count + ok.sum(dim=1)
     return lse, count
 
 

@@ -3,6 +3,7 @@
     plait train CONFIG [key=value ...] [--resume [CHECKPOINT]]
     plait eval WEIGHTS_OR_CHECKPOINT [--data NAME] [--out DIR] [key=value ...]
     plait report RUN_DIR [--html]
+    plait data build NAME --out DIR [--image-size N] [--limit N]
     plait experiment {gradient-bias, small-batch, batch-sweep, information-gap, regularizers} [options]
 """
 
@@ -55,6 +56,16 @@ def _report(args: argparse.Namespace) -> int:
     from plait.evaluate.report import write_report
 
     print(write_report(args.run_dir, fmt="html" if args.html else "md"))
+    return 0
+
+
+def _data_build(args: argparse.Namespace) -> int:
+    from plait.data.builders import build_csv_dataset
+
+    path = build_csv_dataset(args.name, Path(args.out), image_size=args.image_size, limit=args.limit)
+    with path.open(encoding="utf-8") as handle:
+        count = sum(1 for _ in handle) - 1  # one header line, one line per item (captions hold no newline)
+    print(f"wrote {path} ({count} items)")
     return 0
 
 
@@ -120,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
     report.add_argument("--html", action="store_true", help="a self-contained report.html instead")
     report.set_defaults(handler=_report)
+
+    data = commands.add_parser("data", help="build a dataset from installed packages as a user CSV")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    build = data_commands.add_parser("build", help="write DIR/images/*.png and DIR/pairs.csv (read it with data.name=csv)")
+    build.add_argument("name", help="dataset to build: glyphs")
+    build.add_argument("--out", required=True, help="output directory, e.g. runs/data/glyphs")
+    build.add_argument("--image-size", type=int, default=32, help="image side in pixels (default: %(default)s)")
+    build.add_argument("--limit", type=int, default=None, help="at most this many items, spread over the whole set")
+    build.set_defaults(handler=_data_build)
+
     experiment = commands.add_parser("experiment", help="reproduce an experiment of the papers")
     experiments = experiment.add_subparsers(dest="experiment", required=True)
 

@@ -34,6 +34,9 @@ class DataConfig:
     name: str = "emoji"
     options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 32
+    # > 0: carve this fraction of the training split (by group) as a validation split; training
+    # uses the rest, per-epoch evaluations use it, and eval.split may name it for the final one.
+    validation_fraction: float = 0.0
     num_workers: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -63,6 +66,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     epochs: int = 20
+    # a budget in optimizer steps instead of epochs: the schedule spans this many steps, over as
+    # many epochs as it takes (equal-step comparisons across batch sizes)
+    steps: Optional[int] = None
     max_steps: Optional[int] = None  # stop early after this many steps (tests, quick runs)
     warmup_fraction: float = 0.05
     grad_clip: Optional[float] = 1.0
@@ -74,7 +80,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     deterministic: bool = False
     log_every: int = 10
-    eval_every_epochs: int = 0  # 0: evaluate only at the end
+    eval_every_epochs: int = 0  # 0: evaluate only at the end (on the validation split if there is one)
+    staleness_every_epochs: int = 1  # per-sample losses: log the state's error against a frozen snapshot (0: never)
     checkpoint_every_epochs: int = 1
     checkpoint_every_steps: int = 0
     tensorboard: bool = False
@@ -84,6 +91,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["retrieval", "zero_shot", "linear_probe", "knn"])
+    split: str = "test"  # the final evaluation's split: test | validation (needs data.validation_fraction)
     label: Optional[str] = None  # label set for zero-shot / probes (default: the dataset's first)
     few_shot: list[int] = field(default_factory=lambda: [1, 5, 10])
     few_shot_seeds: int = 3

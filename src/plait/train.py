@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -123,6 +124,16 @@ class Trainer:
         self.test_set = build_dataset(config.data.name, split="test", **options)
         if hasattr(self.train_set, "write_skipped"):
             self.train_set.write_skipped(self.run_dir)
+        self.validation_set = None
+        if config.data.validation_fraction:
+            from plait.data import carve_validation
+
+            # seed 0, not config.seed: every training seed sees the same validation split
+            self.train_set, self.validation_set = carve_validation(self.train_set, config.data.validation_fraction, seed=0)
+        if config.eval.split not in ("test", "validation"):
+            raise ValueError(f"eval.split must be 'test' or 'validation', got {config.eval.split!r}")
+        if config.eval.split == "validation" and self.validation_set is None:
+            raise ValueError("eval.split=validation needs data.validation_fraction > 0")
         batch_size = config.data.batch_size
         if not 2 <= batch_size <= len(self.train_set):
             raise ValueError(f"data.batch_size={batch_size} must be in [2, {len(self.train_set)}] (the training set size)")
@@ -137,7 +148,10 @@ class Trainer:
             generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG out of the data order
         )
         self.steps_per_epoch = len(self.train_set) // batch_size
-        total = config.optim.epochs * self.steps_per_epoch
+        if config.optim.steps is not None and config.optim.steps < 1:
+            raise ValueError(f"optim.steps must be a positive integer, got {config.optim.steps}")
+        schedule = config.optim.steps or config.optim.epochs * self.steps_per_epoch
+        total = schedule
         if config.optim.max_steps:
             total = min(total, config.optim.max_steps)
         self.total_steps = total
@@ -145,8 +159,8 @@ class Trainer:
             parameter_groups(self.model, config.optim.weight_decay), lr=config.optim.lr,
             betas=tuple(config.optim.betas), eps=config.optim.eps, fused=self.device.type in ("cpu", "cuda"),
         )  # the fused kernel: 4x faster than the loop on a 2M-row embedding table (CPU)
-        warmup = max(1, int(config.optim.warmup_fraction * self.steps_per_epoch * config.optim.epochs))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.steps_per_epoch * config.optim.epochs, warmup))
+        warmup = max(1, int(config.optim.warmup_fraction * schedule))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(schedule, warmup))
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.augment = {side: self._augmenter(side) for side in ("a", "b")}
         # per-step settings as plain Python values: an OmegaConf lookup costs ~10 us, a step of a small model ~1 ms
@@ -210,8 +224,35 @@ class Trainer:
         (za, za_aug), (zb, zb_aug), (zia, zia_aug), (zib, zib_aug) = halves(za), halves(zb), halves(zia), halves(zib)
         return PairFeatures(za, zb, index, self.model.scale().float(), za_aug, zb_aug, zia, zib, zia_aug, zib_aug)
 
+    def _encode_train_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every training item's (z_a, z_b) under the current model, without augmentation or gradient."""
+        from plait.evaluate.suite import embed
+
+        za, zb = embed(self.model, self.train_set, self.config.eval.batch_size, self.device)
+        return za.to(self.device), zb.to(self.device)
+
+    def refresh_candidates(self) -> None:
+        """Give the base loss every item's current features when it asks (``estimator: exact`` each
+        step, ``memory`` every ``bank_refresh_steps``)."""
+        base = self.loss_fn.base
+        if hasattr(base, "needs_candidates") and base.needs_candidates(self.config.model.embed_dim):
+            base.refresh_bank(*self._encode_train_set())
+
+    def staleness(self) -> dict | None:
+        """The base loss's rate error against a frozen snapshot of the training set (see
+        ``GammaContrastiveLoss.staleness``), or None for a loss without per-sample state."""
+        base = self.loss_fn.base
+        if not hasattr(base, "staleness"):
+            return None
+        was_training = self.model.training
+        za, zb = self._encode_train_set()
+        stats = base.staleness(za, zb, self.model.scale().detach().float(), batch_size=self.config.data.batch_size, seed=self.epoch)
+        self.model.train(was_training)
+        return stats
+
     def train_step(self, index, a, b) -> torch.Tensor:
         index, a, b, a_aug, b_aug = self._prepare(index, a, b)
+        self.refresh_candidates()
         if not (self.model.training and self.loss_fn.training):  # evaluation switches them off
             self.model.train()
             self.loss_fn.train()
@@ -297,8 +338,9 @@ class Trainer:
         from tqdm import tqdm
 
         config = self.config
-        bar = tqdm(total=total_steps, initial=self.step, disable=not config.train.progress, desc=config.name,
-                   unit="step", dynamic_ncols=True)
+        # a progress bar only on a terminal: in a log file or a pipe it writes thousands of \r lines
+        bar = tqdm(total=total_steps, initial=self.step, disable=not (config.train.progress and sys.stderr.isatty()),
+                   desc=config.name, unit="step", dynamic_ncols=True)
         window_start, window_samples, running = time.perf_counter(), 0, []
         log_every, checkpoint_every = int(config.train.log_every), int(config.train.checkpoint_every_steps or 0)
         while self.step < total_steps:
@@ -329,30 +371,47 @@ class Trainer:
             else:  # the epoch ran to its end
                 self.epoch += 1
                 self.batch_in_epoch = 0
+                if config.train.staleness_every_epochs and self.epoch % config.train.staleness_every_epochs == 0:
+                    stats = self.staleness()
+                    if stats is not None:
+                        self.log({"step": self.step, "epoch": self.epoch, "split": "staleness", **stats})
                 if config.train.eval_every_epochs and self.epoch % config.train.eval_every_epochs == 0 and self.step < total_steps:
-                    self.log({"step": self.step, "epoch": self.epoch, "split": "eval", **self.evaluate(write=False)})
+                    self.log({"step": self.step, "epoch": self.epoch, "split": self.periodic_split,
+                              **self.evaluate(write=False, on=self.periodic_split)})
                 if config.train.checkpoint_every_epochs and self.epoch % config.train.checkpoint_every_epochs == 0:
                     self.save()
         bar.close()
+
+    @property
+    def periodic_split(self) -> str:
+        """Where evaluations during training look: the validation split if there is one."""
+        return "validation" if self.validation_set is not None else "eval"
 
     def finish(self) -> dict:
         config = self.config
         self.save()
         export_weights(self.model, self.run_dir / "model.safetensors", to_yaml(config))
-        metrics = self.evaluate(write=True)
-        self.log({"step": self.step, "epoch": self.epoch, "split": "eval", **metrics})
+        on = config.eval.split
+        metrics = self.evaluate(write=True, on=on)
+        if self.validation_set is not None and on == "test" and config.train.eval_every_epochs:
+            # the last point of the validation curve, beside the final test evaluation
+            self.log({"step": self.step, "epoch": self.epoch, "split": "validation", **self.evaluate(write=False, on="validation")})
+        self.log({"step": self.step, "epoch": self.epoch, "split": "eval" if on == "test" else "validation", **metrics})
         if self._writer is not None:
             self._writer.close()
         return metrics
 
-    def evaluate(self, write: bool) -> dict:
+    def evaluate(self, write: bool, on: str = "test") -> dict:
+        """Metrics on the validation split (``on="validation"``) or the test split."""
         from plait.evaluate.suite import evaluate_model
 
+        target = self.validation_set if on == "validation" else self.test_set
         return evaluate_model(
-            self.model, self.train_set, self.test_set, self.config.eval, self.device,
+            self.model, self.train_set, target, self.config.eval, self.device,
             run_dir=self.run_dir if write else None,
             info={"name": self.config.name, "dataset": self.config.data.name, "loss": self.config.loss.name,
-                  "batch_size": self.config.data.batch_size, "steps": self.step},
+                  "batch_size": self.config.data.batch_size, "steps": self.step,
+                  "split": "validation" if on == "validation" else "test"},
         )
 
 

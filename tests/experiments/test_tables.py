@@ -21,12 +21,22 @@ def test_regularizer_verdict_needs_one_point_beyond_the_spread():
     assert "infonce + br" not in table
 
 
-def test_batch_sweep_target_line():
-    runs = [{"dataset": "uci", "loss": "gamma", "batch_size": 32, "seed": s, "value": v} for s, v in enumerate((90.0, 92.0))]
-    runs += [{"dataset": "uci", "loss": "infonce", "batch_size": 512, "seed": s, "value": v} for s, v in enumerate((91.0, 93.5))]
-    table = summary_table({"seeds": 2, "losses": ["infonce", "gamma"], "runs": runs})
-    assert "| gamma | 91.0 +- 1.4 | - |" in table
-    assert "gamma at B=32 minus InfoNCE at B=512: -1.2 points (target >= -1.0: missed)" in table
+def _sweep_run(loss, b, seed, value, validation, multiplier=1.0, chosen=True):
+    return {"dataset": "uci", "budget": "steps", "loss": loss, "batch_size": b, "seed": seed, "lr_multiplier": multiplier,
+            "chosen": chosen, "validation": validation, "metrics": {"lp_acc1": value, "text_retrieval_recall@1": value / 2}}
+
+
+def test_batch_sweep_table_reports_chosen_cells_and_target_verdicts():
+    runs = [_sweep_run("gamma", 32, s, v, 0.9) for s, v in enumerate((0.90, 0.92, 0.94))]
+    runs += [_sweep_run("gamma", 32, 0, 0.99, 0.5, multiplier=2.0, chosen=False)]  # a rejected lr: not in the table
+    runs += [_sweep_run("infonce", 32, s, v, 0.8) for s, v in enumerate((0.90, 0.91, 0.92))]
+    runs += [_sweep_run("infonce", 512, s, v, 0.8, multiplier=0.5) for s, v in enumerate((0.91, 0.935))]
+    table = summary_table({"runs": runs})
+    assert "| gamma | 32 | 1 | 90.0 +- 0.0 | 92.0 +- 2.0 | 46.0 +- 1.0 | 3 |" in table
+    assert "| infonce | 512 | 0.5 | 80.0 +- 0.0 | 92.2 +- 1.8 | 46.1 +- 0.9 | 2 |" in table
+    assert "gamma B=32 minus InfoNCE B=32: +1.0 points (target >= +1.0: met)" in table
+    assert "gamma B=32 minus InfoNCE B=512: -0.2 points (target >= -0.5: met)" in table
+    assert "B=16" not in table  # no gamma B=16 cell: no verdict
 
 
 def test_gap_table_reports_the_excess_against_the_bound():

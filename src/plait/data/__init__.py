@@ -6,6 +6,7 @@ from plait.data.cache import ImageCache, clear_memory_cache, decode_image, defau
 from plait.data.digits import DigitsDataset
 from plait.data.emoji import EmojiDataset, base_of
 from plait.data.registry import build_dataset
+from plait.data.subset import SubsetPairDataset, carve_validation
 from plait.data.synthetic import InformationGapDataset
 from plait.data.uci import UCIMultipleFeatures
 from plait.data.user import CsvPairDataset, FolderPairDataset
@@ -21,10 +22,12 @@ __all__ = [
     "ImagePairDataset",
     "InformationGapDataset",
     "PairDataset",
+    "SubsetPairDataset",
     "TextAugment",
     "UCIMultipleFeatures",
     "base_of",
     "build_dataset",
+    "carve_validation",
     "clear_memory_cache",
     "collate_pairs",
     "decode_image",

@@ -58,6 +58,12 @@ class PairDataset(Dataset):
         self.texts: list[str] = []
         self.alternatives: list[list[str]] = []
 
+    @property
+    def groups(self):
+        """(N,) group key of each item (items of one group stay on one side of a validation
+        split), or None: every item is its own group."""
+        return None
+
     def __len__(self) -> int:
         raise NotImplementedError
 

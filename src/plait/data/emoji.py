@@ -183,5 +183,11 @@ class EmojiDataset(ImagePairDataset):
         self.class_names = {"group": [group_name(g) for g in groups], "subgroup": [group_name(s) for s in subgroups]}
         self.templates = list(TEMPLATES)
 
+    @property
+    def groups(self) -> np.ndarray:
+        """The base emoji of each item: skin-tone variants are one group."""
+        keys = {base: k for k, base in enumerate(dict.fromkeys(self.bases))}
+        return np.array([keys[base] for base in self.bases], dtype=np.int64)
+
     def __repr__(self) -> str:
         return f"EmojiDataset(split={self.split!r}, size={len(self)}, image_size={self.image_size})"

@@ -1,85 +1,181 @@
-"""E2: quality against batch size per loss, the SogCLR batch sweep on plait's data.
+"""E2: small batch against large batch, by a fair protocol.
 
-    plait experiment batch-sweep [--datasets emoji uci] [--batch-sizes 16 32 ... 512]
-                                 [--losses infonce gamma sogclr] [--seeds 3] [--quick]
+    plait experiment batch-sweep [--datasets emoji uci glyphs] [--budgets steps epochs]
+                                 [--seeds 3] [--workers 2] [--reuse] [--quick] [key=value ...]
 
-Every run trains for the config's number of epochs (so small batches take more steps), with the
-learning rate scaled by sqrt(B / 32). Measured: image -> text R@1 on the emoji test split and
-linear-probe accuracy on the UCI test digits (view a's embeddings). Target: the decomposable
-loss at B = 32 within 1 point of (or above) InfoNCE at B = 512 on both.
+For every dataset, budget and cell (loss, B) -- InfoNCE at B in {32, 128, 512}, the gamma loss
+at B in {8, 16, 32} (``CELLS``) -- the protocol is:
+
+1. **Tune**: one run (seed 0) per learning rate of the grid ``LR_MULTIPLIERS`` x the dataset's
+   base lr x sqrt(B / 32), trained on the fit part of the training split and scored on the
+   validation split carved from it (``data.validation_fraction``; the test split is never
+   looked at while choosing). The best validation score picks the cell's lr.
+2. **Seeds**: seeds 1 and 2 at the chosen lr; with the tuning run of seed 0 that is 3 seeds.
+   Every run also evaluates the test split at its end, which is what the table reports.
+3. **Budgets**, reported side by side: ``steps`` gives every run the same number of optimizer
+   steps (``BUDGETS[dataset]["steps"]``); ``epochs`` the same number of epochs, enough that the
+   largest batch takes at least 500 steps. The lr schedule spans each run's own budget.
+
+Runs are single-threaded processes, ``--workers`` at a time; ``--reuse`` keeps every finished run
+with the same settings, so the sweep can be run in pieces (one dataset or budget at a time) and
+resumed. Writes ``results.json``, ``table.md`` and, per dataset and budget, ``curves-*.png``:
+the validation metric against epoch (or step) of each cell at its chosen lr, mean +- std over seeds.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from pathlib import Path
 
 from plait.experiments._runs import run_many
-from plait.experiments.small_batch import scaled_lr
 
-METRIC = {"emoji": "text_retrieval_recall@1", "uci": "lp_acc1"}
-# Epochs per run (the same for every batch size and loss): emoji's 10 keep the 54-run emoji grid
-# near 45 minutes on 2 cores; UCI's 60 are DESIGN.md's calibration setting.
-EPOCHS = {"emoji": 10, "uci": 60}
-METRIC_LABEL = {"emoji": "image -> text R@1 (%)", "uci": "linear-probe accuracy (%)"}
-COLORS = {"infonce": "tab:blue", "gamma": "tab:red", "sogclr": "tab:green"}
+CELLS: dict[str, tuple[int, ...]] = {"infonce": (32, 128, 512), "gamma": (8, 16, 32)}
+LR_MULTIPLIERS = (0.5, 1.0, 2.0)
+BASE_BATCH = 32
+SEEDS = 3
+VALIDATION_FRACTION = 0.1
+# The selection metric of each dataset and what the table also shows (eval.json keys).
+DATASETS = {
+    "emoji": {"config": "emoji", "metric": "text_retrieval_recall@1", "also": ("image_retrieval_recall@1",),
+              "tasks": "[retrieval]"},
+    "uci": {"config": "uci", "metric": "lp_acc1", "also": (), "tasks": "[retrieval,linear_probe]"},
+    "glyphs": {"config": "glyphs", "metric": "text_retrieval_recall@1", "also": ("image_retrieval_recall@1",),
+               "tasks": "[retrieval]"},
+}
+# Equal steps for every run, or equal epochs (at least 500 steps at B = 512 on the fit split).
+BUDGETS = {
+    "emoji": {"steps": 800, "epochs": 95},
+    "uci": {"steps": 1500, "epochs": 180},
+    "glyphs": {"steps": 800, "epochs": 95},
+}
+EVALUATIONS_PER_RUN = 8
+LABELS = {"text_retrieval_recall@1": "image -> text R@1", "image_retrieval_recall@1": "text -> image R@1",
+          "lp_acc1": "linear probe"}
+COLORS = {("infonce", 32): "#9ecae1", ("infonce", 128): "#4292c6", ("infonce", 512): "#08306b",
+          ("gamma", 8): "#fcae91", ("gamma", 16): "#fb6a4a", ("gamma", 32): "#a50f15"}
 
 
-def _job_overrides(dataset: str, loss: str, batch_size: int, seed: int, out: Path, quick: bool, base_lr: float) -> list[str]:
-    run_dir = out / dataset / f"{loss}-b{batch_size}-s{seed}"
+def scaled_lr(base_lr: float, batch_size: int) -> float:
+    """Square-root scaling from the config's B = 32 learning rate: the grid's centre at B."""
+    return base_lr * math.sqrt(batch_size / BASE_BATCH)
+
+
+def _cell_settings(dataset: str, budget: str, loss: str, batch_size: int, multiplier: float, seed: int,
+                   out: Path, base_lr: float, fit_size: int, quick: bool) -> tuple[Path, list[str]]:
+    run_dir = out / dataset / budget / f"{loss}-b{batch_size}-lr{multiplier:g}-s{seed}"
+    steps_per_epoch = fit_size // batch_size
+    if budget == "steps":
+        total = BUDGETS[dataset]["steps"]
+        epochs = math.ceil(total / steps_per_epoch)
+        schedule = [f"optim.steps={total}"]
+    else:
+        epochs = BUDGETS[dataset]["epochs"]
+        schedule = [f"optim.epochs={epochs}"]
+    spec = DATASETS[dataset]
     settings = [
-        f"loss.name={loss}", f"data.batch_size={batch_size}", f"seed={seed}", f"optim.lr={scaled_lr(base_lr, batch_size)}",
-        f"optim.epochs={EPOCHS[dataset]}",
-        f"output_dir={run_dir}", f"name={dataset}-{loss}-b{batch_size}-s{seed}", "train.progress=false",
-        "train.checkpoint_every_epochs=0", f"eval.tasks=[{'retrieval' if dataset == 'emoji' else 'retrieval,linear_probe'}]",
-        "eval.gallery=0",
+        f"loss.name={loss}", f"data.batch_size={batch_size}", f"seed={seed}",
+        f"optim.lr={scaled_lr(base_lr, batch_size) * multiplier}", *schedule,
+        f"data.validation_fraction={VALIDATION_FRACTION}", "eval.split=test",
+        f"train.eval_every_epochs={max(1, epochs // EVALUATIONS_PER_RUN)}",
+        f"output_dir={run_dir}", f"name={dataset}-{budget}-{loss}-b{batch_size}-lr{multiplier:g}-s{seed}",
+        "train.progress=false", "train.checkpoint_every_epochs=0", f"eval.tasks={spec['tasks']}", "eval.gallery=0",
     ]
     if quick:
-        settings += ["optim.epochs=1", "optim.max_steps=5"]
-    return settings
+        settings += ["optim.max_steps=3"]
+    return run_dir, settings
 
 
-def run_batch_sweep(out_dir, datasets=("emoji", "uci"), batch_sizes=(16, 32, 64, 128, 256, 512),
-                    losses=("infonce", "gamma", "sogclr"), seeds: int = 3, quick: bool = False, workers: int = 2,
-                    overrides=(), reuse: bool = False) -> str:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    unknown = sorted(set(datasets) - set(METRIC))
-    if unknown:
-        raise ValueError(f"batch-sweep datasets must be among {sorted(METRIC)}, got {unknown}")
-    if quick:
-        batch_sizes, seeds = tuple(batch_sizes)[:2], 1
+def _validation_score(run_dir: Path, metric: str) -> float:
+    """The last validation-split value of ``metric`` in the run's metrics.jsonl."""
+    last = None
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("split") == "validation" and metric in record:
+            last = record[metric]
+    if last is None:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} has no validation record of {metric}")
+    return float(last)
+
+
+def _fit_size(dataset: str, overrides) -> int:
+    from plait.config import load_config
+    from plait.data import build_dataset, carve_validation
+
+    config = load_config(DATASETS[dataset]["config"], list(overrides))
+    options = dict(config.data.options)
+    train = build_dataset(config.data.name, split="train", **options)
+    return len(carve_validation(train, VALIDATION_FRACTION, 0)[0])
+
+
+def run_batch_sweep(out_dir, datasets=("emoji", "uci", "glyphs"), budgets=("steps", "epochs"), seeds: int = SEEDS,
+                    quick: bool = False, workers: int = 2, overrides=(), reuse: bool = False, cells=None) -> str:
+    """Tune, then run the seeds, for every dataset x budget x cell; write and return the table."""
     from plait.config import load_config
 
-    jobs = []
-    for dataset in datasets:
-        base_lr = load_config(dataset, list(overrides)).optim.lr
-        for b in batch_sizes:
-            for loss in losses:
-                for s in range(seeds):
-                    settings = _job_overrides(dataset, loss, b, s, out, quick, base_lr)
-                    jobs.append((dataset, (*settings, *overrides), {"dataset": dataset, "loss": loss, "batch_size": b, "seed": s}))
-    jobs.sort(key=lambda job: job[2]["batch_size"])  # small batches (most steps) first
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = sorted(set(datasets) - set(DATASETS)) + sorted(set(budgets) - {"steps", "epochs"})
+    if unknown:
+        raise ValueError(f"unknown batch-sweep dataset or budget {unknown}; datasets: {sorted(DATASETS)}, budgets: steps, epochs")
+    cells = cells or CELLS
+    multipliers = LR_MULTIPLIERS[:2] if quick else LR_MULTIPLIERS
+    seeds = 2 if quick else seeds
     started = time.perf_counter()
-    runs = run_many(jobs, workers, reuse=reuse)
-    for run in runs:
-        run["value"] = 100.0 * run["metrics"][METRIC[run["dataset"]]]
-    runs.sort(key=lambda r: (r["dataset"], r["loss"], r["batch_size"], r["seed"]))
-    result = {"metric": METRIC, "batch_sizes": list(batch_sizes), "losses": list(losses), "seeds": seeds,
-              "seconds": time.perf_counter() - started, "runs": runs}
+    results = []
+    for dataset in datasets:
+        spec = DATASETS[dataset]
+        if dataset == "glyphs":
+            _ensure_glyphs(load_config(spec["config"], list(overrides)))
+        base_lr = load_config(spec["config"], list(overrides)).optim.lr
+        fit_size = _fit_size(dataset, overrides)
+        for budget in budgets:
+            def job(loss, b, m, seed):
+                run_dir, settings = _cell_settings(dataset, budget, loss, b, m, seed, out, base_lr, fit_size, quick)
+                tags = {"dataset": dataset, "budget": budget, "loss": loss, "batch_size": b, "lr_multiplier": m, "seed": seed}
+                return spec["config"], (*settings, *overrides), tags
+
+            tuning = [job(loss, b, m, 0) for loss, sizes in cells.items() for b in sizes for m in multipliers]
+            tuning.sort(key=lambda j: -j[2]["batch_size"])  # the longest runs first
+            tuned = run_many(tuning, workers, reuse=reuse)
+            chosen = {}
+            for run in tuned:
+                run["validation"] = _validation_score(Path(run["run_dir"]), spec["metric"])
+                key = (run["loss"], run["batch_size"])
+                if key not in chosen or run["validation"] > chosen[key]["validation"]:
+                    chosen[key] = run
+            seeded = [job(loss, b, chosen[(loss, b)]["lr_multiplier"], s) for (loss, b) in chosen for s in range(1, seeds)]
+            seeded.sort(key=lambda j: -j[2]["batch_size"])
+            finals = run_many(seeded, workers, reuse=reuse)
+            for run in tuned + finals:
+                run["chosen"] = run["lr_multiplier"] == chosen[(run["loss"], run["batch_size"])]["lr_multiplier"]
+                run.setdefault("validation", _validation_score(Path(run["run_dir"]), spec["metric"]))
+                results.append(run)
+            plot_curves(results, dataset, budget, out / f"curves-{dataset}-{budget}.png")
+    result = {"cells": {k: list(v) for k, v in cells.items()}, "lr_multipliers": list(multipliers), "seeds": seeds,
+              "budgets": BUDGETS, "seconds": time.perf_counter() - started, "runs": results}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     table = summary_table(result)
     (out / "table.md").write_text(table)
-    plot_sweep(result, out / "sweep.png")
     return table
 
 
-def _cells(result: dict) -> dict:
-    cells: dict[tuple, list[float]] = {}
+def _ensure_glyphs(config) -> None:
+    """Build the glyph CSV the config points at if it is not there yet."""
+    from plait.data.builders import build_csv_dataset
+
+    path = Path(config.data.options.path)
+    if not path.is_file():
+        build_csv_dataset("glyphs", path.parent)
+
+
+def _chosen_cells(result: dict) -> dict[tuple, list[dict]]:
+    cells: dict[tuple, list[dict]] = {}
     for run in result["runs"]:
-        cells.setdefault((run["dataset"], run["loss"], run["batch_size"]), []).append(run["value"])
+        if run["chosen"]:
+            cells.setdefault((run["dataset"], run["budget"], run["loss"], run["batch_size"]), []).append(run)
     return cells
 
 
@@ -87,52 +183,62 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _fmt(values: list[float]) -> str:
+    mean, std = _mean_std(values)
+    return f"{mean:.1f} +- {std:.1f}"
+
+
+# The claims the protocol tests, as (gamma cell, InfoNCE cell, margin): gamma - InfoNCE >= margin points.
+TARGETS = ((("gamma", 32), ("infonce", 32), 1.0), (("gamma", 32), ("infonce", 512), -0.5), (("gamma", 16), ("infonce", 128), 0.0))
+
+
 def summary_table(result: dict) -> str:
-    cells = _cells(result)
+    """Per dataset and budget: each cell's chosen lr, validation score and test metrics (mean +- std
+    over seeds, %), then the targets with their verdicts."""
+    cells = _chosen_cells(result)
     lines = []
-    for dataset in sorted({run["dataset"] for run in result["runs"]}):
-        sizes = sorted({b for (d, _, b) in cells if d == dataset})
-        lines += [f"**{dataset}**: {METRIC_LABEL[dataset]}, mean +- std over {result['seeds']} seeds", "",
-                  "| loss | " + " | ".join(f"B={b}" for b in sizes) + " |", "|---|" + "---|" * len(sizes)]
-        for loss in result["losses"]:
-            row = []
-            for b in sizes:
-                values = cells.get((dataset, loss, b))
-                row.append("-" if not values else "{:.1f} +- {:.1f}".format(*_mean_std(values)))
-            lines.append(f"| {loss} | " + " | ".join(row) + " |")
-        gamma, infonce = cells.get((dataset, "gamma", 32)), cells.get((dataset, "infonce", 512))
-        if gamma and infonce:
-            gap = statistics.fmean(gamma) - statistics.fmean(infonce)
-            verdict = "met" if gap >= -1.0 else "missed"
-            lines += ["", f"gamma at B=32 minus InfoNCE at B=512: {gap:+.1f} points (target >= -1.0: {verdict})"]
-        lines.append("")
+    for dataset in [d for d in DATASETS if any(k[0] == d for k in cells)]:
+        spec = DATASETS[dataset]
+        keys = (spec["metric"], *spec["also"])
+        for budget in ("steps", "epochs"):
+            mine = {k[2:]: runs for k, runs in cells.items() if k[:2] == (dataset, budget)}
+            if not mine:
+                continue
+            what = f"{BUDGETS[dataset]['steps']} steps per run" if budget == "steps" else f"{BUDGETS[dataset]['epochs']} epochs per run"
+            lines += [f"**{dataset}, equal {budget}** ({what}; test split, %, mean +- std over seeds; lr picked on validation)", "",
+                      "| loss | B | lr (x sqrt(B/32) base) | validation " + LABELS[spec["metric"]] + " | "
+                      + " | ".join(f"test {LABELS[k]}" for k in keys) + " | seeds |",
+                      "|---|---|---|---|" + "---|" * len(keys) + "---|"]
+            for (loss, b) in sorted(mine, key=lambda c: (c[0] != "infonce", c[1])):
+                runs = mine[(loss, b)]
+                tests = [_fmt([100 * r["metrics"][k] for r in runs]) for k in keys]
+                lines.append(f"| {loss} | {b} | {runs[0]['lr_multiplier']:g} | {_fmt([100 * r['validation'] for r in runs])} | "
+                             + " | ".join(tests) + f" | {len(runs)} |")
+            lines.append("")
+            for (g, i, margin) in TARGETS:
+                if g in mine and i in mine:
+                    gm = statistics.fmean(100 * r["metrics"][spec["metric"]] for r in mine[g])
+                    im = statistics.fmean(100 * r["metrics"][spec["metric"]] for r in mine[i])
+                    verdict = "met" if gm - im >= margin else "missed"
+                    lines.append(f"- gamma B={g[1]} minus InfoNCE B={i[1]}: {gm - im:+.1f} points "
+                                 f"(target >= {margin:+.1f}: {verdict})")
+            lines.append("")
     return "\n".join(lines)
 
 
-def plot_sweep(result: dict, path: Path) -> None:
-    import matplotlib
+def plot_curves(runs: list[dict], dataset: str, budget: str, path: Path) -> None:
+    """The validation metric against epoch (equal epochs) or step (equal steps) of every cell at its
+    chosen lr, mean +- std over seeds."""
+    from plait.evaluate.curves import plot_metric_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells = _cells(result)
-    datasets = sorted({run["dataset"] for run in result["runs"]})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        for loss in result["losses"]:
-            sizes = sorted(b for (d, l, b) in cells if d == dataset and l == loss)
-            if not sizes:
-                continue
-            stats = [_mean_std(cells[(dataset, loss, b)]) for b in sizes]
-            ax.errorbar(sizes, [m for m, _ in stats], yerr=[s for _, s in stats], color=COLORS.get(loss), marker="o",
-                        capsize=3, label=loss)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel(METRIC_LABEL[dataset])
-        ax.set_title(dataset)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("E2 batch sweep: same epochs per run, lr scaled by sqrt(B/32); mean +- std over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    groups, colors = {}, {}
+    for run in runs:
+        if run["dataset"] == dataset and run["budget"] == budget and run.get("chosen"):
+            label = f"{run['loss']} B={run['batch_size']}"
+            groups.setdefault(label, []).append(Path(run["run_dir"]))
+            colors[label] = COLORS.get((run["loss"], run["batch_size"]))
+    if groups:
+        metric = DATASETS[dataset]["metric"]
+        plot_metric_curves(groups, metric, path, title=f"{dataset}, equal {budget}: validation {LABELS[metric]}",
+                           ylabel=f"validation {LABELS[metric]} (%)", colors=colors,
+                           x="step" if budget == "steps" else "epoch", split="validation")

@@ -1,59 +1,86 @@
-"""The main job: on emoji, the decomposable loss at a small batch against InfoNCE at the same
-small batch and at a large batch, same number of epochs; one comparison table and a report.
+"""The main job: on emoji, the decomposable loss at a small batch against InfoNCE at the same batch
+and at a 4x larger one, by the fair protocol of E2 reduced to fit in minutes.
 
-    plait experiment small-batch [--quick] [--out runs/small-batch] [key=value ...]
+    plait experiment small-batch [--quick] [--out runs/small-batch] [--workers 2] [key=value ...]
+
+Every run gets the same number of optimizer steps (E2's emoji budget), the learning rate its cell
+was given by E2's validation-split tuning (``TUNED_LR_MULTIPLIER``, from
+``plait experiment batch-sweep --datasets emoji --budgets steps``), and ``SEEDS`` seeds; the
+table shows the test split's R@1 as mean +- std over seeds and each difference against its spread.
 """
 
 from __future__ import annotations
 
-import math
+import statistics
 from pathlib import Path
 
-from plait.config import load_config
+from plait.experiments._runs import run_many
+from plait.experiments.batch_sweep import BUDGETS, _cell_settings, _fit_size
 
-RUNS = (("gamma", 32), ("infonce", 32), ("infonce", 512))
-BASE_BATCH = 32
-KEYS = ("text_retrieval_recall@1", "image_retrieval_recall@1", "text_retrieval_recall@5", "zeroshot_acc1", "lp_acc1", "knn_acc1")
-
-
-def scaled_lr(base_lr: float, batch_size: int) -> float:
-    """Learning rate for ``batch_size``: square-root scaling from the config's B = 32 value."""
-    return base_lr * math.sqrt(batch_size / BASE_BATCH)
-
-
-def quick_overrides() -> list[str]:
-    return ["optim.max_steps=4", "optim.epochs=1", "eval.tasks=[retrieval,zero_shot,linear_probe]", "eval.gallery=4"]
+RUNS = (("gamma", 32), ("infonce", 32), ("infonce", 128))
+# lr multiplier (x the config's lr x sqrt(B/32)) that E2's tuning chose for each cell, equal steps.
+TUNED_LR_MULTIPLIER = {("gamma", 32): 1.0, ("infonce", 32): 1.0, ("infonce", 128): 1.0}
+SEEDS = 3
+KEYS = ("text_retrieval_recall@1", "image_retrieval_recall@1", "text_retrieval_recall@5")
+LABELS = {"text_retrieval_recall@1": "image->text R@1", "image_retrieval_recall@1": "text->image R@1",
+          "text_retrieval_recall@5": "image->text R@5"}
 
 
-def run_small_batch(out_dir: str | Path, quick: bool = False, overrides=(), progress: bool = True, config_name: str = "emoji") -> str:
-    from plait.evaluate.report import compare_runs, write_report
-    from plait.train import train
+def run_small_batch(out_dir: str | Path, quick: bool = False, overrides=(), workers: int = 2, seeds: int = SEEDS) -> str:
+    from plait.config import load_config
+    from plait.evaluate.curves import plot_metric_curves
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run_dirs = []
-    for loss, batch_size in RUNS:
-        base = load_config(config_name, list(overrides))
-        run_dir = out / f"{loss}-b{batch_size}"
-        settings = [
-            f"loss.name={loss}", f"data.batch_size={batch_size}", f"optim.lr={scaled_lr(base.optim.lr, batch_size)}",
-            f"output_dir={run_dir}", f"name={loss}-b{batch_size}", f"train.progress={progress}",
-            "eval.tasks=[retrieval,zero_shot,linear_probe,knn]",
-        ]
-        config = load_config(config_name, [*settings, *(quick_overrides() if quick else []), *overrides])
-        if run_dir.exists():
-            for stale in ("metrics.jsonl", "checkpoint.pt"):
-                (run_dir / stale).unlink(missing_ok=True)
-        train(config)
-        write_report(run_dir)
-        run_dirs.append(run_dir)
-    table = compare_runs(run_dirs, list(KEYS))
-    lines = [
-        "# Small batch, decomposable loss vs InfoNCE (emoji)", "",
-        "`plait experiment small-batch`" + (" --quick" if quick else ""), "",
-        "text_retrieval_recall@1 = image -> text R@1 on the test emoji; zeroshot_acc1 = Unicode group from",
-        "prompted names; lp/knn = probes on the image embeddings.", "", table, "",
-        *[f"- [{d.name}]({d.name}/report.md)" for d in run_dirs],
-    ]
+    base_lr = load_config("emoji", list(overrides)).optim.lr
+    fit_size = _fit_size("emoji", overrides)
+    seeds = 1 if quick else seeds
+    jobs = []
+    for loss, b in RUNS:
+        for seed in range(seeds):
+            run_dir, settings = _cell_settings("emoji", "steps", loss, b, TUNED_LR_MULTIPLIER[(loss, b)], seed, out,
+                                               base_lr, fit_size, quick)
+            jobs.append(("emoji", (*settings, *overrides), {"loss": loss, "batch_size": b, "seed": seed}))
+    jobs.sort(key=lambda job: -job[2]["batch_size"])
+    runs = run_many(jobs, workers)
+    cells: dict[tuple, list[dict]] = {}
+    for run in runs:
+        cells.setdefault((run["loss"], run["batch_size"]), []).append(run)
+    table = comparison_table(cells)
+    groups = {f"{loss} B={b}": [Path(r["run_dir"]) for r in cells[(loss, b)]] for loss, b in RUNS}
+    plot_metric_curves(groups, "text_retrieval_recall@1", out / "curves.png", x="step", split="validation",
+                       title="emoji, equal steps: validation image -> text R@1", ylabel="validation image -> text R@1 (%)")
+    steps = BUDGETS["emoji"]["steps"] if not quick else 3
+    lines = ["# Small batch, decomposable loss vs InfoNCE (emoji)", "",
+             "`plait experiment small-batch`" + (" --quick" if quick else ""), "",
+             f"{steps} optimizer steps per run, lr tuned on the validation split by E2, {seeds} seed(s); test split "
+             f"({len(runs)} runs). ![curves](curves.png)", "", table]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return table
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def comparison_table(cells: dict[tuple, list[dict]]) -> str:
+    """One row per (loss, B): each metric as mean +- std over seeds (%), then the gamma cell's
+    difference to each InfoNCE cell on the first metric, against the larger of the two spreads."""
+    lines = ["| loss | B | " + " | ".join(LABELS[k] for k in KEYS) + " | seeds |", "|---|---|" + "---|" * len(KEYS) + "---|"]
+    for (loss, b) in RUNS:
+        runs = cells.get((loss, b), [])
+        if not runs:
+            continue
+        stats = ["{:.1f} +- {:.1f}".format(*_mean_std([100 * r["metrics"][k] for r in runs])) for k in KEYS]
+        lines.append(f"| {loss} | {b} | " + " | ".join(stats) + f" | {len(runs)} |")
+    gamma = cells.get(RUNS[0])
+    lines.append("")
+    for other in RUNS[1:]:
+        if gamma and cells.get(other):
+            g = _mean_std([100 * r["metrics"][KEYS[0]] for r in gamma])
+            o = _mean_std([100 * r["metrics"][KEYS[0]] for r in cells[other]])
+            spread = max(g[1], o[1])
+            beyond = "beyond" if abs(g[0] - o[0]) > spread else "within"
+            lines.append(f"- gamma B={RUNS[0][1]} minus {other[0]} B={other[1]}: {g[0] - o[0]:+.1f} points of {LABELS[KEYS[0]]} "
+                         f"({beyond} the seed spread of {spread:.1f})")
+    return "\n".join(lines)

@@ -2,8 +2,10 @@
 
 A run directory holds (all optional except that a report of nothing is empty):
 
-- ``metrics.jsonl``: one JSON object per line; training lines carry ``step``, ``epoch``, ``loss``,
-  ``lr``, ``samples_per_s``; evaluation lines carry ``step``, ``"split": "eval"`` and metrics.
+- ``metrics.jsonl``: one JSON object per line; training lines (no ``split``) carry ``step``,
+  ``epoch``, ``loss``, ``lr``, ``samples_per_s``; evaluation lines carry ``"split": "eval"``,
+  ``step``, ``epoch`` and metrics; ``"split": "staleness"`` lines carry per-epoch staleness
+  diagnostics. Lines of other splits are ignored.
 - ``eval.json``: ``{"dataset": ..., "metrics": {name: value}, ...}``, the final metrics.
 - ``config.yaml``: shown verbatim.
 - ``gallery.npz``: ``images`` uint8 (n, H, W, 3), ``captions`` (n, 5) str (top-5 retrieved),
@@ -24,31 +26,32 @@ from pathlib import Path
 
 import numpy as np
 
+from plait.evaluate.curves import is_number as _is_number
+from plait.evaluate.curves import integer_ticks, read_records, series
+
 IDENTITY_FIELDS = ("name", "loss", "batch_size")
 _NOT_METRICS = {"step", "epoch", "split", "lr", "samples_per_s", "time", "wall_time", "elapsed_s"}
+_EVAL_PLOT = "eval.png"
+_STALENESS_PLOT = "staleness.png"
 
 
 # ---------------------------------------------------------------- reading
 
 
+def _by_split(records: list[dict]) -> dict[str, list[dict]]:
+    """Records grouped by ``split``; lines without one (or ``"train"``) under ``"train"``."""
+    splits: dict[str, list[dict]] = {}
+    for record in records:
+        split = record.get("split", "train")
+        splits.setdefault(split if isinstance(split, str) else repr(split), []).append(record)
+    return splits
+
+
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
-    """(training lines, evaluation lines) of ``metrics.jsonl``; unreadable lines are skipped with a warning."""
-    path = Path(run_dir) / "metrics.jsonl"
-    train, evals = [], []
-    if not path.is_file():
-        return train, evals
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            warnings.warn(f"{path}:{number} is not valid JSON; skipped", stacklevel=2)
-            continue
-        if not isinstance(record, dict):
-            continue
-        (evals if record.get("split") == "eval" else train).append(record)
-    return train, evals
+    """(training lines, evaluation lines) of ``metrics.jsonl``; unreadable lines are skipped with a warning
+    and lines of other splits (``"staleness"``, ...) left out."""
+    splits = _by_split(read_records(run_dir))
+    return splits.get("train", []), splits.get("eval", [])
 
 
 def _flatten(metrics: dict, prefix: str = "") -> dict:
@@ -79,7 +82,7 @@ def read_eval(run_dir: str | Path) -> tuple[dict, dict]:
             return (_flatten(metrics) if isinstance(metrics, dict) else {}), fields
     _, evals = read_metrics(run_dir)
     if evals:
-        return {key: value for key, value in evals[-1].items() if key not in _NOT_METRICS}, {}
+        return _flatten(_eval_metrics(evals[-1])), {}
     return {}, {}
 
 
@@ -133,29 +136,27 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 # ---------------------------------------------------------------- figures
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _x_key(records: list[dict]) -> str:
+    """``"epoch"`` when every record has a numeric epoch, else ``"step"``."""
+    return "epoch" if records and all(_is_number(r.get("epoch")) for r in records) else "step"
 
 
-def plot_curves(train: list[dict], evals: list[dict], path: Path) -> Path | None:
-    """Training loss against step (left) and evaluation metrics in [0, 1] against step (right)."""
+def eval_positions(evals: list[dict]) -> tuple[str, list]:
+    """(x key, distinct x values) of the evaluation records: epochs, or steps when some lack an epoch."""
+    x = _x_key(evals)
+    return x, sorted({r[x] for r in evals if _is_number(r.get(x))})
+
+
+def plot_loss(train: list[dict], evals: list[dict], path: Path) -> Path | None:
+    """Training loss (and evaluation loss, when logged) against step; None without any."""
     from matplotlib.figure import Figure
 
     points = [(r["step"], r["loss"]) for r in train if _is_number(r.get("step")) and _is_number(r.get("loss"))]
     eval_loss = [(r["step"], r["loss"]) for r in evals if _is_number(r.get("step")) and _is_number(r.get("loss"))]
-    series: dict[str, list] = {}
-    for record in evals:
-        if not _is_number(record.get("step")):
-            continue
-        for key, value in record.items():
-            if key not in _NOT_METRICS and key != "loss" and _is_number(value):
-                series.setdefault(key, []).append((record["step"], value))
-    series = {k: v for k, v in series.items() if all(0.0 <= y <= 1.0 for _, y in v)}
-    if not points and not eval_loss and not series:
+    if not points and not eval_loss:
         return None
-    figure = Figure(figsize=(11 if series else 6, 4), layout="constrained")
-    axes = figure.subplots(1, 2 if series else 1, squeeze=False)[0]
-    ax = axes[0]
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    ax = figure.subplots()
     if points:
         steps, losses = np.array(points, dtype=float).T
         ax.plot(steps, losses, color="tab:blue", alpha=0.35 if len(losses) > 50 else 1.0, lw=1, label="train loss")
@@ -171,15 +172,67 @@ def plot_curves(train: list[dict], evals: list[dict], path: Path) -> Path | None
     ax.set_title("loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    if series:
-        ax = axes[1]
-        for key, values in sorted(series.items()):
-            steps, ys = np.array(values, dtype=float).T
-            ax.plot(steps, ys, "o-", ms=3, label=key)
-        ax.set_xlabel("step")
-        ax.set_title("evaluation")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small", ncol=2 if len(series) > 8 else 1)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def eval_series(evals: list[dict]) -> tuple[str, dict[str, dict]]:
+    """(x key, ``{metric: {x: value}}``) of the evaluation metrics in [0, 1] (recalls, accuracies);
+    ranks, losses (``*loss``, e.g. ``lp_log_loss``) and ``*_std`` companions are left out."""
+    x = _x_key(evals)
+    keys = dict.fromkeys(
+        key for r in evals for key, value in r.items()
+        if key not in _NOT_METRICS and not key.endswith(("loss", "_std")) and _is_number(value)
+    )
+    curves = {key: series(evals, key, x) for key in keys}
+    return x, {key: points for key, points in curves.items() if points and all(0.0 <= v <= 1.0 for v in points.values())}
+
+
+def _line_styles(n: int):
+    """Colour and line style for ``n`` lines: tab10, then the same colours dashed, then dotted."""
+    return [(f"C{i % 10}", ("-", "--", ":", "-.")[(i // 10) % 4]) for i in range(n)]
+
+
+def plot_eval_curves(evals: list[dict], path: Path) -> Path | None:
+    """Evaluation metrics in [0, 1], in percent, against epoch (step when epochs are missing), one line
+    per metric with the legend beside the axes; None with fewer than two evaluation points."""
+    from matplotlib.figure import Figure
+
+    x, curves = eval_series(evals)
+    if len(eval_positions(evals)[1]) < 2 or not curves:
+        return None
+    figure = Figure(figsize=(10, 4.5), layout="constrained")
+    ax = figure.subplots()
+    for (key, points), (color, style) in zip(curves.items(), _line_styles(len(curves))):
+        ax.plot(list(points), [100.0 * v for v in points.values()], marker="o", ms=3, ls=style, color=color, label=key)
+    integer_ticks(ax, [v for points in curves.values() for v in points])
+    ax.set_xlabel(x)
+    ax.set_ylabel("%")
+    ax.set_title("evaluation during training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=2 if len(curves) > 20 else 1)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def plot_staleness(records: list[dict], path: Path) -> Path | None:
+    """Every numeric key of the ``"staleness"`` records against epoch (step when epochs are missing); None without any."""
+    from matplotlib.figure import Figure
+
+    x = _x_key(records)
+    keys = dict.fromkeys(key for r in records for key, value in r.items() if key not in _NOT_METRICS and _is_number(value))
+    curves = {key: points for key in keys if (points := series(records, key, x))}
+    if not curves:
+        return None
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    ax = figure.subplots()
+    for (key, points), (color, style) in zip(curves.items(), _line_styles(len(curves))):
+        ax.plot(list(points), list(points.values()), marker="o", ms=3, ls=style, color=color, label=key)
+    integer_ticks(ax, [v for points in curves.values() for v in points])
+    ax.set_xlabel(x)
+    ax.set_title("staleness")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     figure.savefig(path, dpi=110)
     return path
 
@@ -252,18 +305,25 @@ def _fence(text: str) -> str:
     return "`" * max(3, longest + 1)
 
 
+def _eval_metrics(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key not in _NOT_METRICS}
+
+
 def write_report(run_dir: str | Path, fmt: str = "md", max_gallery: int = 16) -> Path:
     """Write ``report.md`` (or a self-contained ``report.html``) into ``run_dir`` and return its path.
 
-    It shows the loss curves (``loss.png``), the final metric table, the retrieval gallery
-    (``gallery.png``, first ``max_gallery`` queries) and ``config.yaml``; missing inputs are left out.
+    It shows the loss curve (``loss.png``), evaluation during training against epoch (``eval.png``,
+    when evaluated at two or more epochs), the staleness diagnostics (``staleness.png``), the final
+    metric table, the retrieval gallery (``gallery.png``, first ``max_gallery`` queries) and
+    ``config.yaml``; missing inputs are left out.
     """
     if fmt not in ("md", "html"):
         raise ValueError(f"fmt must be 'md' or 'html', got {fmt!r}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"run_dir {str(run_dir)!r} is not a directory")
-    train, evals = read_metrics(run_dir)
+    splits = _by_split(read_records(run_dir))
+    train, evals, staleness = splits.get("train", []), splits.get("eval", []), splits.get("staleness", [])
     metrics, fields = read_eval(run_dir)
     blocks: list[tuple] = [("h1", f"Run report: {run_dir.resolve().name}")]
 
@@ -275,8 +335,33 @@ def write_report(run_dir: str | Path, fmt: str = "md", max_gallery: int = 16) ->
         blocks.append(("p", f"{len(train)} training records; last: {summary}."))
 
     blocks.append(("h2", "Training curves"))
-    curves = plot_curves(train, evals, run_dir / "loss.png")
+    curves = plot_loss(train, evals, run_dir / "loss.png")
     blocks.append(("image", curves, "loss curves") if curves else ("p", "No training metrics (metrics.jsonl) found."))
+
+    for name in (_EVAL_PLOT, _STALENESS_PLOT):  # figures of an earlier report that this one may not redraw
+        (run_dir / name).unlink(missing_ok=True)
+    eval_plot = plot_eval_curves(evals, run_dir / _EVAL_PLOT)
+    if eval_plot is not None:
+        x, positions = eval_positions(evals)
+        placed = sum(_is_number(r.get(x)) for r in evals)
+        shared = f" ({placed - len(positions)} more at an {x} already listed: the latest of each {x} is drawn)" if placed > len(positions) else ""
+        blocks.append(("h2", "Evaluation during training"))
+        blocks.append(("p", f"{len(positions)} evaluations, at {x} {', '.join(_format_value(v) for v in positions)}{shared}; "
+                            "metrics in [0, 1] shown in percent."))
+        blocks.append(("image", eval_plot, "evaluation during training"))
+    elif evals and _eval_metrics(evals[-1]) and _flatten(_eval_metrics(evals[-1])) != metrics:
+        last = evals[-1]  # one evaluation (or all at one epoch) that the final metric table below does not show
+        where = ", ".join(f"{key} {_format_value(last[key])}" for key in ("step", "epoch") if key in last)
+        blocks.append(("h2", "Evaluation"))
+        blocks.append(("p", f"Evaluation in metrics.jsonl ({where})." if where else "Evaluation in metrics.jsonl."))
+        record = _flatten(_eval_metrics(last))
+        blocks.append(("table", ("metric", "value"), [(key, _format_metric(record, key)) for key in _metric_keys(record)]))
+
+    if staleness:
+        picture = plot_staleness(staleness, run_dir / _STALENESS_PLOT)
+        if picture is not None:
+            blocks.append(("h2", "Staleness"))
+            blocks.append(("image", picture, "staleness"))
 
     blocks.append(("h2", "Metrics"))
     if metrics:
@@ -353,7 +438,8 @@ def _render_html(blocks: list[tuple], title: str) -> str:
 
 def compare_runs(run_dirs: Sequence[str | Path], metric_keys: Sequence[str] | None = None) -> str:
     """A markdown table, one row per run: its directory name, the ``name``/``loss``/``batch_size``
-    fields of its eval.json (columns shown when any run has them) and ``metric_keys`` (all metrics
+    fields of its eval.json (a column shown when some run has the field with a value other than its
+    directory name, so ``name`` equal to ``run`` is not repeated) and ``metric_keys`` (all metrics
     seen, in order, when None). A metric with a ``{key}_std`` companion shows as ``mean ± std``;
     a missing value as ``-``.
     """
@@ -369,7 +455,11 @@ def compare_runs(run_dirs: Sequence[str | Path], metric_keys: Sequence[str] | No
         metric_keys = list(dict.fromkeys(key for _, metrics, _ in runs for key in _metric_keys(metrics)))
     elif isinstance(metric_keys, str):
         metric_keys = [metric_keys]
-    identity = [field for field in IDENTITY_FIELDS if any(field in fields for _, _, fields in runs)]
+    identity = [
+        field for field in IDENTITY_FIELDS
+        if any(field in fields for _, _, fields in runs)
+        and not all(field not in fields or _format_value(fields[field]) == name for name, _, fields in runs)
+    ]
     header = ["run", *identity, *metric_keys]
     rows = [
         [name, *(_format_value(fields[f]) if f in fields else "-" for f in identity), *(_format_metric(m, k) for k in metric_keys)]

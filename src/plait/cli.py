@@ -72,7 +72,7 @@ def _data_build(args: argparse.Namespace) -> int:
 def _experiment_small_batch(args: argparse.Namespace) -> int:
     from plait.experiments.small_batch import run_small_batch
 
-    table = run_small_batch(args.out, quick=args.quick, overrides=args.overrides, progress=not args.no_progress)
+    table = run_small_batch(args.out, quick=args.quick, overrides=args.overrides, workers=args.workers)
     print(table)
     return 0
 
@@ -80,8 +80,8 @@ def _experiment_small_batch(args: argparse.Namespace) -> int:
 def _experiment_batch_sweep(args: argparse.Namespace) -> int:
     from plait.experiments.batch_sweep import run_batch_sweep
 
-    table = run_batch_sweep(args.out, datasets=args.datasets, batch_sizes=args.batch_sizes, losses=args.losses,
-                            seeds=args.seeds, quick=args.quick, workers=args.workers, overrides=args.overrides, reuse=args.reuse)
+    table = run_batch_sweep(args.out, datasets=args.datasets, budgets=args.budgets, seeds=args.seeds, quick=args.quick,
+                            workers=args.workers, overrides=args.overrides, reuse=args.reuse)
     print(table)
     return 0
 
@@ -154,21 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     bias.add_argument("--no-progress", action="store_true", help="no progress bar")
     bias.set_defaults(handler=_experiment_gradient_bias)
 
-    small = experiments.add_parser("small-batch", help="the main job: emoji, gamma loss at B=32 vs InfoNCE at B=32 and B=512")
+    small = experiments.add_parser("small-batch", help="the main job: emoji, gamma loss at B=32 vs InfoNCE at B=32 and B=128, equal steps, tuned lr, 3 seeds")
     small.add_argument("--out", default="runs/small-batch")
     small.add_argument("--quick", action="store_true", help="a few steps per run: seconds")
-    small.add_argument("--no-progress", action="store_true")
+    small.add_argument("--workers", type=int, default=2, help="parallel single-threaded runs")
     small.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     small.set_defaults(handler=_experiment_small_batch)
 
-    sweep = experiments.add_parser("batch-sweep", help="E2: quality against batch size per loss, emoji and UCI")
+    sweep = experiments.add_parser("batch-sweep", help="E2: small vs large batch, lr tuned on validation, 3 seeds, two budgets")
     sweep.add_argument("--out", default="runs/batch-sweep")
-    sweep.add_argument("--datasets", nargs="+", default=["emoji", "uci"])
-    sweep.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
-    sweep.add_argument("--losses", nargs="+", default=["infonce", "gamma", "sogclr"])
+    sweep.add_argument("--datasets", nargs="+", default=["emoji", "uci", "glyphs"])
+    sweep.add_argument("--budgets", nargs="+", default=["steps", "epochs"], help="equal optimizer steps and/or equal epochs")
     sweep.add_argument("--seeds", type=int, default=3)
     sweep.add_argument("--workers", type=int, default=2)
-    sweep.add_argument("--quick", action="store_true", help="2 batch sizes, 1 seed, few steps")
+    sweep.add_argument("--quick", action="store_true", help="2 learning rates, 2 seeds, 3 steps per run")
     sweep.add_argument("--reuse", action="store_true", help=REUSE_HELP)
     sweep.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     sweep.set_defaults(handler=_experiment_batch_sweep)

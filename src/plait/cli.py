@@ -4,7 +4,7 @@
     plait eval WEIGHTS_OR_CHECKPOINT [--data NAME] [--out DIR] [key=value ...]
     plait report RUN_DIR [--html]
     plait data build NAME --out DIR [--image-size N] [--limit N]
-    plait experiment {gradient-bias, small-batch, batch-sweep, information-gap, regularizers} [options]
+    plait experiment {gradient-bias, small-batch, batch-sweep, gamma-ablation, information-gap, regularizers} [options]
 """
 
 from __future__ import annotations
@@ -83,6 +83,14 @@ def _experiment_batch_sweep(args: argparse.Namespace) -> int:
     table = run_batch_sweep(args.out, datasets=args.datasets, budgets=args.budgets, seeds=args.seeds, quick=args.quick,
                             workers=args.workers, overrides=args.overrides, reuse=args.reuse)
     print(table)
+    return 0
+
+
+def _experiment_gamma_ablation(args: argparse.Namespace) -> int:
+    from plait.experiments.gamma_ablation import run_gamma_ablation
+
+    print(run_gamma_ablation(args.out, seeds=args.seeds, workers=args.workers, reuse=args.reuse, quick=args.quick,
+                             overrides=args.overrides))
     return 0
 
 
@@ -171,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--reuse", action="store_true", help=REUSE_HELP)
     sweep.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     sweep.set_defaults(handler=_experiment_batch_sweep)
+
+    ablation = experiments.add_parser("gamma-ablation", help="the gamma loss's E-step choices one at a time (emoji, B=32, validation)")
+    ablation.add_argument("--out", default="runs/gamma-ablation")
+    ablation.add_argument("--seeds", type=int, default=3)
+    ablation.add_argument("--workers", type=int, default=2)
+    ablation.add_argument("--quick", action="store_true", help="1 seed, 3 steps per run")
+    ablation.add_argument("--reuse", action="store_true", help=REUSE_HELP)
+    ablation.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    ablation.set_defaults(handler=_experiment_gamma_ablation)
 
     gap = experiments.add_parser("information-gap", help="E3: synthetic gap and UCI view pairs; CLIP vs +Sep/+Br/+GC")
     gap.add_argument("--out", default="runs/information-gap")

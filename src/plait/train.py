@@ -364,23 +364,33 @@ class Trainer:
                     self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", samples_per_s=f"{record['samples_per_s']:.0f}")
                     window_start, window_samples, running = time.perf_counter(), 0, []
+                if self.step >= total_steps:
+                    if self.batch_in_epoch == self.steps_per_epoch:  # the last step closed an epoch
+                        self._end_epoch()
+                    if checkpoint_every and self.step % checkpoint_every == 0:
+                        self.save()
+                    break
                 if checkpoint_every and self.step % checkpoint_every == 0:
                     self.save()
-                if self.step >= total_steps:
-                    break
             else:  # the epoch ran to its end
-                self.epoch += 1
-                self.batch_in_epoch = 0
-                if config.train.staleness_every_epochs and self.epoch % config.train.staleness_every_epochs == 0:
-                    stats = self.staleness()
-                    if stats is not None:
-                        self.log({"step": self.step, "epoch": self.epoch, "split": "staleness", **stats})
-                if config.train.eval_every_epochs and self.epoch % config.train.eval_every_epochs == 0 and self.step < total_steps:
-                    self.log({"step": self.step, "epoch": self.epoch, "split": self.periodic_split,
-                              **self.evaluate(write=False, on=self.periodic_split)})
-                if config.train.checkpoint_every_epochs and self.epoch % config.train.checkpoint_every_epochs == 0:
-                    self.save()
+                self._end_epoch()
         bar.close()
+
+    def _end_epoch(self) -> None:
+        """Count a finished epoch; log the state's staleness, evaluate and checkpoint as configured
+        (no evaluation after the last step: ``finish`` does it)."""
+        config = self.config
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        if config.train.staleness_every_epochs and self.epoch % config.train.staleness_every_epochs == 0:
+            stats = self.staleness()
+            if stats is not None:
+                self.log({"step": self.step, "epoch": self.epoch, "split": "staleness", **stats})
+        if config.train.eval_every_epochs and self.epoch % config.train.eval_every_epochs == 0 and self.step < self.total_steps:
+            self.log({"step": self.step, "epoch": self.epoch, "split": self.periodic_split,
+                      **self.evaluate(write=False, on=self.periodic_split)})
+        if config.train.checkpoint_every_epochs and self.epoch % config.train.checkpoint_every_epochs == 0:
+            self.save()
 
     @property
     def periodic_split(self) -> str:

@@ -52,7 +52,8 @@ class GammaContrastiveLoss(PerSampleState):
       visit to ``gamma`` after ``gamma_decay_visits`` visits (FastCLIP's schedule, per item).
       Each entry stores the logit scale it was computed at and the slope d log Z / d scale
       (the softmax-weighted mean cosine); reading it at another scale applies the first-order
-      correction log Z(s) = log Z(s0) + (s - s0) * slope. O(N) floats of state.
+      correction log Z(s) = log Z(s0) + (s - s0) * slope (``scale_correction=False``: none).
+      O(N) floats of state.
     - ``"exact"``: Z_i over all N items with the current model: pass
       ``candidates=(all_features_a, all_features_b)`` (N, d), or call ``refresh_bank`` with them
       before the step (what the trainer does when ``needs_candidates()``). Small N only.
@@ -95,6 +96,7 @@ class GammaContrastiveLoss(PerSampleState):
         bank_budget_mb: float = 256.0,
         bank_refresh_steps: int = 0,
         max_weight: float = 20.0,
+        scale_correction: bool = True,
         chunk_size: int = 16384,
     ):
         super().__init__(dataset_size)
@@ -129,6 +131,7 @@ class GammaContrastiveLoss(PerSampleState):
         self.bank_budget_mb = float(bank_budget_mb)
         self.bank_refresh_steps = bank_refresh_steps
         self.max_weight = float(max_weight)
+        self.scale_correction = bool(scale_correction)
         self.chunk_size = chunk_size
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
@@ -226,8 +229,9 @@ class GammaContrastiveLoss(PerSampleState):
         """The stored rate carried to the current scale; the batch estimate on a first visit."""
         with torch.no_grad():
             first = (self.visits[index] == 0)[None, :]
-            moved = (scale - self.scale_at[index].to(scale.dtype))[None, :] * self.slope[:, index].to(scale.dtype)
-            stored = self.log_z[:, index].to(log_zbatch.dtype) + moved
+            stored = self.log_z[:, index].to(log_zbatch.dtype)
+            if self.scale_correction:
+                stored = stored + (scale - self.scale_at[index].to(scale.dtype))[None, :] * self.slope[:, index].to(scale.dtype)
             return torch.where(first, log_zbatch, stored)
 
     def gamma_for(self, visit: Tensor) -> Tensor:
@@ -327,8 +331,9 @@ class GammaContrastiveLoss(PerSampleState):
             fresh_slope = self.reduce_duplicates(unique, inverse, slope, log_space=False)
             first = self.visits[unique] == 0
             weight = self.gamma_for(self.visits[unique] + 1).to(fresh.dtype)
-            moved = (scale - self.scale_at[unique].to(fresh.dtype)) * self.slope[:, unique].to(fresh.dtype)
-            old = self.log_z[:, unique].to(fresh.dtype) + moved  # the stored rate at the current scale
+            old = self.log_z[:, unique].to(fresh.dtype)
+            if self.scale_correction:  # the stored rate carried to the current scale
+                old = old + (scale - self.scale_at[unique].to(fresh.dtype)) * self.slope[:, unique].to(fresh.dtype)
             new = torch.logaddexp(torch.log1p(-weight) + old, weight.log() + fresh)
             new = torch.where(first, fresh, new)
             new_slope = torch.where(first, fresh_slope, (1 - weight) * self.slope[:, unique].to(fresh.dtype) + weight * fresh_slope)

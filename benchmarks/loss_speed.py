@@ -69,9 +69,9 @@ def _candidates(batch: int, dim: int) -> dict:
     return {
         "matmul bound": matmul_bound,
         "plait InfoNCE": lambda a, b, index: infonce(a, b),
-        "plait gamma (ema)": lambda a, b, index: gamma(a, b, index),
-        "plait gamma (memory, 4096 bank rows)": lambda a, b, index: memory(a, b, index),
-        "plait SogCLR": lambda a, b, index: sogclr(a, b, index),
+        "plait gamma (ema)": lambda a, b, index: gamma(a, b, index=index),
+        "plait gamma (memory, 4096 bank rows)": lambda a, b, index: memory(a, b, index=index),
+        "plait SogCLR": lambda a, b, index: sogclr(a, b, index=index),
         "PML NTXentLoss (CLIP form)": _pml_clip_loss(),
     }
 

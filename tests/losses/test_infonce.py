@@ -39,12 +39,34 @@ def test_gradcheck_features_and_logit_scale(mode):
     b = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
     loss = InfoNCELoss(mode=mode)
-    assert torch.autograd.gradcheck(lambda x, y, s: loss(x, y, logit_scale=s), (a, b, scale))
+    assert torch.autograd.gradcheck(lambda x, y, s: loss(x, y, s), (a, b, scale))
+
+
+@pytest.mark.parametrize("mode", ["bimodal", "unimodal"])
+def test_gradcheck_through_the_row_scaling(mode):
+    """Rows of norms 1e-3..1e3, one with a tied max-abs entry: x / max|x| is differentiable and
+    its max path carries no net gradient, so the loss is smooth in x."""
+    g = torch.Generator().manual_seed(4)
+    rows = torch.tensor([1e-3, 1.0, 1e3, 5.0], dtype=torch.float64)[:, None]
+    a = (torch.randn(4, 3, generator=g, dtype=torch.float64) * rows).requires_grad_(True)
+    b = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    b[1] = torch.tensor([2.0, -2.0, 0.5], dtype=torch.float64)
+    b = (b * rows.flip(0)).requires_grad_(True)
+    loss = InfoNCELoss(temperature=0.3, mode=mode)
+    assert torch.autograd.gradcheck(lambda x, y: loss(x, y), (a, b), eps=1e-9, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["bimodal", "unimodal"])
+def test_gradcheck_single_pair(mode):
+    a = torch.randn(1, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1, 4, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, y, s: InfoNCELoss(mode=mode)(x, y, s, index=torch.tensor([0])), (a, b, scale))
 
 
 def test_logit_scale_overrides_temperature():
     a, b = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
-    assert InfoNCELoss(temperature=0.5)(a, b, logit_scale=10.0).item() == pytest.approx(
+    assert InfoNCELoss(temperature=0.5)(a, b, 10.0).item() == pytest.approx(
         InfoNCELoss(temperature=0.1)(a, b).item(), abs=1e-12
     )
 
@@ -60,7 +82,7 @@ def test_normalize_false_uses_raw_dot_products():
 
 @pytest.mark.parametrize(
     "a_shape,b_shape,match",
-    [((4, 3), (4, 5), "features_a has shape"), ((4, 3), (5, 3), "features_a has shape"), ((4,), (4,), "shape \\(batch, dim\\)"), ((1, 3), (1, 3), "at least 2")],
+    [((4, 3), (4, 5), "features_a has shape"), ((4, 3), (5, 3), "features_a has shape"), ((4,), (4,), "shape \\(batch, dim\\)"), ((0, 3), (0, 3), "at least 1 pairs")],
 )
 def test_bad_shapes_raise(a_shape, b_shape, match):
     with pytest.raises(ValueError, match=match):
@@ -73,4 +95,4 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="mode"):
         InfoNCELoss(mode="trimodal")
     with pytest.raises(ValueError, match="logit_scale must be a scalar"):
-        InfoNCELoss()(torch.randn(3, 2), torch.randn(3, 2), logit_scale=torch.ones(2))
+        InfoNCELoss()(torch.randn(3, 2), torch.randn(3, 2), torch.ones(2))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plait.losses._inputs import check_mode, check_temperature, prepare_pair, resolve_scale
+from plait.losses._inputs import check_index, check_mode, check_temperature, prepare_pair, resolve_scale
 
 
 class InfoNCELoss(nn.Module):
@@ -24,6 +24,9 @@ class InfoNCELoss(nn.Module):
 
         L = mean_p -log( exp(s_{p,p+}) / sum_{q != p} exp(s_pq) )
 
+    A batch of one pair is allowed: the softmax runs over a single candidate, so L = 0 with a zero
+    gradient (as open_clip and pytorch-metric-learning give).
+
     Shapes: ``features_a``, ``features_b`` (B, d); returns a scalar.
     """
 
@@ -34,10 +37,23 @@ class InfoNCELoss(nn.Module):
         self.normalize = normalize
 
     def forward(
-        self, features_a: Tensor, features_b: Tensor, index: Tensor | None = None, logit_scale: Tensor | float | None = None
+        self,
+        features_a: Tensor,
+        features_b: Tensor,
+        logit_scale: Tensor | float | None = None,
+        *,
+        index: Tensor | None = None,
     ) -> Tensor:
-        """``index`` is accepted for a common interface with the stateful losses, and ignored."""
-        a, b = prepare_pair(features_a, features_b, self.normalize)
+        """Called as open_clip's ``ClipLoss(image_features, text_features, logit_scale)``.
+
+        ``logit_scale``: the scale itself (already exponentiated), a number or a scalar tensor;
+        None uses 1/temperature. ``index`` (B,), keyword-only: the rows' dataset indices, accepted
+        for a common interface with the stateful losses; it is checked (integer, shape (B,), >= 0)
+        and otherwise ignored.
+        """
+        a, b = prepare_pair(features_a, features_b, self.normalize, min_batch=1)
+        if index is not None:
+            check_index(index, a.shape[0], None, a.device)
         scale = resolve_scale(logit_scale, self.temperature, a)
         batch = a.shape[0]
         if self.mode == "bimodal":

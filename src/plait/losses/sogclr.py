@@ -32,6 +32,9 @@ class SogCLRLoss(PerSampleState):
     ``GammaContrastiveLoss(shape=inf, estimator="ema")``, but tracking the positive-shifted g_i
     with a constant weight, updated before use. The state ``log_z`` holds log u_i per direction.
     The returned value is mean_i log u_i + log((n-1)/n), the estimate of the generalised loss.
+    In training mode the state of an item is written, and its visit counted, only where its new
+    log u_i is finite in both directions; a non-finite feature row leaves the state as it was (the
+    returned value may then be NaN). A batch needs at least 2 pairs.
 
     Shapes: ``features_a``, ``features_b`` (B, d); ``index`` (B,); returns a scalar.
     """
@@ -59,8 +62,10 @@ class SogCLRLoss(PerSampleState):
         self._log_offset = math.log((n - 1) / n)
 
     def forward(
-        self, features_a: Tensor, features_b: Tensor, index: Tensor, logit_scale: Tensor | float | None = None
+        self, features_a: Tensor, features_b: Tensor, logit_scale: Tensor | float | None = None, *, index: Tensor
     ) -> Tensor:
+        """``logit_scale`` as open_clip's (the scale itself; None: 1/temperature); ``index`` (B,),
+        keyword-only and required: the rows' dataset indices in [0, dataset_size)."""
         a, b, scale, batch = self.prepare_batch(features_a, features_b, index, logit_scale)
         index = batch.index
         log_gbatch = batch.log_partition(0.0, 1.0) - batch.positive  # (2, B)
@@ -80,8 +85,12 @@ class SogCLRLoss(PerSampleState):
                 "log_ratio": (log_gbatch.detach() - log_u).abs().mean(),
             }
             if self.training:
-                self.log_z[:, unique] = log_u_unique.to(self.log_z.dtype)
-                self.record_visit(unique)
+                # Only items whose new estimate is finite are written and counted as visited: a
+                # non-finite row (a NaN candidate reaches every anchor's estimate) keeps the old state.
+                stored = log_u_unique.to(self.log_z.dtype)
+                finite = torch.isfinite(stored).all(dim=0)
+                self.log_z[:, unique] = torch.where(finite, stored, self.log_z[:, unique])
+                self.record_visit(unique[finite])
             # gbatch / u <= (duplicates) / gamma after the update: no overflow.
             weight = (log_gbatch.detach() - log_u).exp()
 

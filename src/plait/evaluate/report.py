@@ -340,13 +340,16 @@ def write_report(run_dir: str | Path, fmt: str = "md", max_gallery: int = 16) ->
 
     for name in (_EVAL_PLOT, _STALENESS_PLOT):  # figures of an earlier report that this one may not redraw
         (run_dir / name).unlink(missing_ok=True)
-    eval_plot = plot_eval_curves(evals, run_dir / _EVAL_PLOT)
+    validation = splits.get("validation", [])
+    during = validation if validation else evals  # evaluations during training read the validation split if any
+    eval_plot = plot_eval_curves(during, run_dir / _EVAL_PLOT)
     if eval_plot is not None:
-        x, positions = eval_positions(evals)
-        placed = sum(_is_number(r.get(x)) for r in evals)
+        x, positions = eval_positions(during)
+        placed = sum(_is_number(r.get(x)) for r in during)
         shared = f" ({placed - len(positions)} more at an {x} already listed: the latest of each {x} is drawn)" if placed > len(positions) else ""
         blocks.append(("h2", "Evaluation during training"))
-        blocks.append(("p", f"{len(positions)} evaluations, at {x} {', '.join(_format_value(v) for v in positions)}{shared}; "
+        on = "the validation split" if validation else "the test split"
+        blocks.append(("p", f"{len(positions)} evaluations on {on}, at {x} {', '.join(_format_value(v) for v in positions)}{shared}; "
                             "metrics in [0, 1] shown in percent."))
         blocks.append(("image", eval_plot, "evaluation during training"))
     elif evals and _eval_metrics(evals[-1]) and _flatten(_eval_metrics(evals[-1])) != metrics:

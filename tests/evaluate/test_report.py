@@ -49,7 +49,7 @@ def test_markdown_report(tmp_path):
     assert "dim: 64" in text and "# the decomposable one" in text and "<details>" in text
     assert "for 2 of 3 queries" in text
     assert "120 training records" in text
-    assert "## Evaluation during training" in text and "3 evaluations, at epoch 0, 1, 2" in text
+    assert "## Evaluation during training" in text and "3 evaluations on the test split, at epoch 0, 1, 2" in text
 
 
 def test_gallery_marks_the_true_caption(tmp_path):
@@ -187,7 +187,7 @@ def test_evaluation_curves_against_epoch_in_percent(tmp_path, monkeypatch):
     monkeypatch.setattr(Figure, "savefig", spy)
     text = write_report(run).read_text()
     assert "](eval.png)" in text and (run / "eval.png").read_bytes()[:8] == PNG
-    assert "3 evaluations, at epoch 1, 2, 3;" in text
+    assert "3 evaluations on the test split, at epoch 1, 2, 3;" in text
     assert drawn["eval.png"] == {"lp_acc1": ([1, 2, 3], [50.0, 62.5, 87.5]),
                                  "text_retrieval_recall@1": ([1, 2, 3], [25.0, 50.0, 75.0])}
     assert set(drawn["loss.png"]) == {"train loss", "eval loss"}  # eval loss on the loss panel, not in percent
@@ -225,4 +225,17 @@ def test_evaluations_sharing_an_epoch(tmp_path):
     run = _write_jsonl(tmp_path / "shared", [*TRAIN, *evals])
     assert eval_series(evals)[1] == {"lp_acc1": {1: 0.25, 2: 0.75}}
     text = write_report(run).read_text()
-    assert "2 evaluations, at epoch 1, 2 (1 more at an epoch already listed: the latest of each epoch is drawn)" in text
+    assert "2 evaluations on the test split, at epoch 1, 2 (1 more at an epoch already listed: the latest of each epoch is drawn)" in text
+
+
+def test_report_draws_the_validation_curves_when_there_are_any(tmp_path):
+    """Evaluations during training read the validation split; the final test evaluation is not on that curve."""
+    run = tmp_path / "val"
+    run.mkdir()
+    lines = [{"step": 10 * e, "epoch": e, "loss": 1.0, "lr": 1e-3} for e in (1, 2, 3)]
+    lines += [{"step": 10 * e, "epoch": e, "split": "validation", "lp_acc1": 0.5 + 0.1 * e} for e in (1, 2, 3)]
+    lines += [{"step": 30, "epoch": 3, "split": "eval", "lp_acc1": 0.9}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    text = write_report(run).read_text()
+    assert "3 evaluations on the validation split, at epoch 1, 2, 3;" in text
+    assert (run / "eval.png").is_file()

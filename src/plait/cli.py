@@ -72,7 +72,7 @@ def _data_build(args: argparse.Namespace) -> int:
 def _experiment_small_batch(args: argparse.Namespace) -> int:
     from plait.experiments.small_batch import run_small_batch
 
-    table = run_small_batch(args.out, quick=args.quick, overrides=args.overrides, workers=args.workers)
+    table = run_small_batch(args.out, quick=args.quick, overrides=args.overrides, workers=args.workers, threads=args.threads)
     print(table)
     return 0
 
@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     small = experiments.add_parser("small-batch", help="the main job: emoji, gamma loss at B=32 vs InfoNCE at B=32 and B=128, equal steps, tuned lr, 3 seeds")
     small.add_argument("--out", default="runs/small-batch")
     small.add_argument("--quick", action="store_true", help="a few steps per run: seconds")
-    small.add_argument("--workers", type=int, default=2, help="parallel single-threaded runs")
+    small.add_argument("--workers", type=int, default=2, help="parallel runs")
+    small.add_argument("--threads", type=int, default=1, help="torch threads per run")
     small.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     small.set_defaults(handler=_experiment_small_batch)
 

@@ -24,19 +24,19 @@ def finished_metrics(run_dir: Path, config_yaml: str) -> dict | None:
     return json.loads(evaluation.read_text(encoding="utf-8"))["metrics"]
 
 
-def run_training(job: tuple[str, tuple[str, ...], dict], reuse: bool = False) -> dict:
+def run_training(job: tuple[str, tuple[str, ...], dict], reuse: bool = False, threads: int = 1) -> dict:
     """Train ``config_name`` with ``overrides`` in this process; return ``tags`` + metrics.
 
     With ``reuse`` a run whose directory already holds the final evaluation of the same
     settings (see ``finished_metrics``) is not trained again (``"reused": True`` in the result). The checkpoint is deleted
-    afterwards (exported weights, metrics and eval.json stay)."""
+    afterwards (exported weights, metrics and eval.json stay). ``threads``: torch's intra-op threads."""
     import torch
 
     from plait.config import load_config, to_yaml
     from plait.train import train
 
     config_name, overrides, tags = job
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     config = load_config(config_name, list(overrides))
     run_dir = Path(config.output_dir)
     if reuse and (metrics := finished_metrics(run_dir, to_yaml(config))) is not None:
@@ -48,9 +48,10 @@ def run_training(job: tuple[str, tuple[str, ...], dict], reuse: bool = False) ->
     return {**tags, "run_dir": str(run_dir), "metrics": metrics, "seconds": time.perf_counter() - start}
 
 
-def run_many(jobs: list[tuple[str, tuple[str, ...], dict]], workers: int = 2, reuse: bool = False) -> list[dict]:
-    """``run_training`` over ``jobs``, ``workers`` processes at a time (single-threaded each)."""
-    work = functools.partial(run_training, reuse=reuse)
+def run_many(jobs: list[tuple[str, tuple[str, ...], dict]], workers: int = 2, reuse: bool = False,
+             threads: int = 1) -> list[dict]:
+    """``run_training`` over ``jobs``, ``workers`` processes at a time (``threads`` torch threads each)."""
+    work = functools.partial(run_training, reuse=reuse, threads=threads)
     if workers <= 1:
         return [work(job) for job in jobs]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:

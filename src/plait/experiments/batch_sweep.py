@@ -47,9 +47,9 @@ DATASETS = {
 }
 # Equal steps for every run, or equal epochs (at least 500 steps at B = 512 on the fit split).
 BUDGETS = {
-    "emoji": {"steps": 800, "epochs": 95},
-    "uci": {"steps": 1500, "epochs": 180},
-    "glyphs": {"steps": 800, "epochs": 95},
+    "emoji": {"steps": 800, "epochs": 100},
+    "uci": {"steps": 1500, "epochs": 250},
+    "glyphs": {"steps": 800, "epochs": 75},
 }
 EVALUATIONS_PER_RUN = 8
 LABELS = {"text_retrieval_recall@1": "image -> text R@1", "image_retrieval_recall@1": "text -> image R@1",

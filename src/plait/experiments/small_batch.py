@@ -26,7 +26,10 @@ LABELS = {"text_retrieval_recall@1": "image->text R@1", "image_retrieval_recall@
           "text_retrieval_recall@5": "image->text R@5"}
 
 
-def run_small_batch(out_dir: str | Path, quick: bool = False, overrides=(), workers: int = 2, seeds: int = SEEDS) -> str:
+def run_small_batch(out_dir: str | Path, quick: bool = False, overrides=(), workers: int = 2, seeds: int = SEEDS,
+                    threads: int = 1) -> str:
+    """Train every (loss, B) of ``RUNS`` for ``seeds`` seeds, ``workers`` runs at a time with ``threads``
+    torch threads each (another thread count changes the float reduction order, as another CPU does)."""
     from plait.config import load_config
     from plait.evaluate.curves import plot_metric_curves
 
@@ -42,7 +45,7 @@ def run_small_batch(out_dir: str | Path, quick: bool = False, overrides=(), work
                                                base_lr, fit_size, quick)
             jobs.append(("emoji", (*settings, *overrides), {"loss": loss, "batch_size": b, "seed": seed}))
     jobs.sort(key=lambda job: -job[2]["batch_size"])
-    runs = run_many(jobs, workers)
+    runs = run_many(jobs, workers, threads=threads)
     cells: dict[tuple, list[dict]] = {}
     for run in runs:
         cells.setdefault((run["loss"], run["batch_size"]), []).append(run)

@@ -48,7 +48,7 @@ class GammaContrastiveLoss(PerSampleState):
 
           log Zhat_i <- log( (1 - gamma_k) Zhat_i + gamma_k Zbatch_i )
 
-      with gamma_k = ``gamma`` (``gamma_decay_visits=0``) or a cosine decay from 1 at the first
+      with gamma_k = ``gamma`` (default 0.5; ``gamma_decay_visits=0``) or a cosine decay from 1 at the first
       visit to ``gamma`` after ``gamma_decay_visits`` visits (FastCLIP's schedule, per item).
       Each entry stores the logit scale it was computed at and the slope d log Z / d scale
       (the softmax-weighted mean cosine); reading it at another scale applies the first-order
@@ -86,7 +86,7 @@ class GammaContrastiveLoss(PerSampleState):
         temperature: float = 0.1,
         shape: float = float("inf"),
         estimator: str = "auto",
-        gamma: float = 0.9,
+        gamma: float = 0.5,
         gamma_decay_visits: int = 0,
         seed: int = 0,
         mode: str = "bimodal",

@@ -82,6 +82,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every_epochs: int = 0  # 0: evaluate only at the end (on the validation split if there is one)
     staleness_every_epochs: int = 1  # per-sample losses: log the state's error against a frozen snapshot (0: never)
+    # > 0: a momentum copy of the model (weight m on the old copy per step, as MoCo) encodes each
+    # batch for the gamma loss's memory bank, so bank rows come from one slowly moving encoder
+    bank_momentum: float = 0.0
     checkpoint_every_epochs: int = 1
     checkpoint_every_steps: int = 0
     tensorboard: bool = False

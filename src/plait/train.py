@@ -12,6 +12,7 @@ evaluations to ``eval.json``, checkpoints to ``checkpoint.pt`` (atomic), final w
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -141,6 +142,7 @@ class Trainer:
         self.loss_fn = build_objective(config, len(self.train_set)).to(self.device)
         self.model = build_model(OmegaConf.to_container(config.model, resolve=True), self.train_set,
                                  independent=self.loss_fn.needs_independent).to(self.device)
+        self.momentum_model = self._momentum_copy()
         self.sampler = EpochSampler(len(self.train_set), config.seed)
         self.loader = torch.utils.data.DataLoader(
             self.train_set, batch_size=batch_size, sampler=self.sampler, drop_last=True,
@@ -170,6 +172,27 @@ class Trainer:
         self._writer = None
 
     # ------------------------------------------------------------------------------ pieces
+    def _momentum_copy(self) -> nn.Module | None:
+        """The momentum encoder of ``train.bank_momentum`` (None when it is 0)."""
+        momentum = float(self.config.train.bank_momentum)
+        if momentum == 0.0:
+            return None
+        if not 0.0 < momentum < 1.0:
+            raise ValueError(f"train.bank_momentum must be in [0, 1), got {momentum}")
+        base = self.loss_fn.base
+        if not hasattr(base, "resolved_estimator") or base.resolved_estimator(self.config.model.embed_dim) != "memory":
+            raise ValueError("train.bank_momentum needs the gamma loss with a memory bank (loss.options.estimator: memory)")
+        return copy.deepcopy(self.model).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def _update_momentum(self) -> None:
+        """theta_m <- m theta_m + (1 - m) theta after each optimizer step; buffers are copied."""
+        momentum = float(self.config.train.bank_momentum)
+        for slow, fast in zip(self.momentum_model.parameters(), self.model.parameters()):
+            slow.mul_(momentum).add_(fast.detach(), alpha=1.0 - momentum)
+        for slow, fast in zip(self.momentum_model.buffers(), self.model.buffers()):
+            slow.copy_(fast)
+
     def _augmenter(self, side: str):
         """The augmentation of one side's modality, if its training view is augmented or the
         objective needs a second, augmented view."""
@@ -211,9 +234,14 @@ class Trainer:
         """The objective's input for one batch: each tower runs once over [view; augmented view]."""
         from plait.losses.objective import PairFeatures
 
+        bank = {}
+        if self.momentum_model is not None:
+            with torch.no_grad():
+                ma, mb, _ = self.momentum_model(a, b)
+            bank = {"a_bank": ma.float(), "b_bank": mb.float()}
         if a_aug is None:
             za, zb, scale = self.model(a, b)
-            return PairFeatures(za.float(), zb.float(), index, scale.float())
+            return PairFeatures(za.float(), zb.float(), index, scale.float(), **bank)
         size = len(index)
         za, zia = self.model.embed_a(_join(a, a_aug))
         zb, zib = self.model.embed_b(_join(b, b_aug))
@@ -222,7 +250,7 @@ class Trainer:
             return (None, None) if z is None else (z[:size].float(), z[size:].float())
 
         (za, za_aug), (zb, zb_aug), (zia, zia_aug), (zib, zib_aug) = halves(za), halves(zb), halves(zia), halves(zib)
-        return PairFeatures(za, zb, index, self.model.scale().float(), za_aug, zb_aug, zia, zib, zia_aug, zib_aug)
+        return PairFeatures(za, zb, index, self.model.scale().float(), za_aug, zb_aug, zia, zib, zia_aug, zib_aug, **bank)
 
     def _encode_train_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every training item's (z_a, z_b) under the current model, without augmentation or gradient."""
@@ -273,6 +301,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
+        if self.momentum_model is not None:
+            self._update_momentum()
         return loss.detach()
 
     # ------------------------------------------------------------------------------ state
@@ -288,10 +318,15 @@ class Trainer:
             "rng": runtime.rng_state(),
             "augment": augment,
             "progress": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
+            "momentum_model": self.momentum_model.state_dict() if self.momentum_model is not None else {},
         }
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+        if self.momentum_model is not None:
+            if not state.get("momentum_model"):
+                raise ValueError("the checkpoint has no momentum encoder, but train.bank_momentum > 0; resume with the settings it was trained with")
+            self.momentum_model.load_state_dict(state["momentum_model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loss_fn.load_state_dict(state["loss"])

@@ -19,13 +19,20 @@ from plait.experiments._runs import run_many
 from plait.experiments.batch_sweep import BUDGETS, VALIDATION_FRACTION, _fit_size
 
 BATCH = 32
-# name -> (loss, loss options); "refresh" is replaced by the steps of one epoch.
+# name -> (loss, loss options); "refresh" is replaced by the steps of one epoch; a dotted key
+# (train.bank_momentum) is a trainer setting.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "infonce (reference)": ("infonce", {}),
     "memory, anchor gradient from the batch (default)": ("gamma", {"estimator": "memory"}),
     "memory, anchor gradient over the bank": ("gamma", {"estimator": "memory", "anchor_gradient": "table"}),
     "memory, bank re-encoded every epoch": ("gamma", {"estimator": "memory", "bank_refresh_steps": "refresh"}),
     "memory, no weight cap": ("gamma", {"estimator": "memory", "max_weight": 1e9}),
+    "memory from a momentum encoder (0.99), anchor gradient over the bank":
+        ("gamma", {"estimator": "memory", "anchor_gradient": "table", "train.bank_momentum": 0.99}),
+    "memory from a momentum encoder (0.99), anchor gradient from the batch":
+        ("gamma", {"estimator": "memory", "train.bank_momentum": 0.99}),
+    "memory from a momentum encoder (0.999), anchor gradient over the bank":
+        ("gamma", {"estimator": "memory", "anchor_gradient": "table", "train.bank_momentum": 0.999}),
     "ema, gamma 0.9": ("gamma", {"estimator": "ema", "gamma": 0.9}),
     "ema, gamma 0.5": ("gamma", {"estimator": "ema", "gamma": 0.5}),
     "ema, gamma 0.1": ("gamma", {"estimator": "ema", "gamma": 0.1}),
@@ -59,7 +66,8 @@ def run_gamma_ablation(out_dir, seeds: int = 3, workers: int = 2, reuse: bool = 
                         "eval.gallery=0", "train.progress=false", "train.checkpoint_every_epochs=0",
                         f"output_dir={run_dir}", f"name=ablation-v{number}-s{seed}"]
             for key, value in options.items():
-                settings.append(f"loss.options.{key}={per_epoch if value == 'refresh' else value}")
+                where = key if "." in key else f"loss.options.{key}"
+                settings.append(f"{where}={per_epoch if value == 'refresh' else value}")
             jobs.append(("emoji", (*settings, *overrides), {"variant": name, "seed": seed}))
     runs = run_many(jobs, workers, reuse=reuse)
     for run in runs:

@@ -188,10 +188,21 @@ class GammaContrastiveLoss(PerSampleState):
         *,
         index: Tensor,
         candidates: tuple[Tensor, Tensor] | None = None,
+        bank_features: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
+        """``bank_features``: (B, d) features of the same views from another encoder (a momentum
+        copy, as MoCo) to write into the memory bank instead of ``features_a``, ``features_b``."""
         a, b, scale, batch = self.prepare_batch(features_a, features_b, index, logit_scale)
         index = batch.index
         estimator = self.resolved_estimator(a.shape[1])
+        if bank_features is not None:
+            if estimator != "memory":
+                raise ValueError(f"bank_features= is only used by estimator='memory', not {estimator!r}")
+            with torch.no_grad():
+                bank_a, bank_b = prepare_pair(*bank_features, self.normalize)
+            if bank_a.shape != a.shape:
+                raise ValueError(f"bank_features must have the features' shape {tuple(a.shape)}, got {tuple(bank_a.shape)}")
+            bank_features = (bank_a.to(a.device), bank_b.to(a.device))
         n = self.candidate_count
         slope = None
         if estimator == "ema":
@@ -216,7 +227,8 @@ class GammaContrastiveLoss(PerSampleState):
                 "weight_clamped": torch.stack([(w > log_cap).float().mean() for w in log_weights]).mean(),
             }
             if self.training:
-                self._update_state(batch, estimator, log_zbatch.detach(), log_zhat, slope, scale.detach(), a, b)
+                written = (a, b) if bank_features is None else bank_features
+                self._update_state(batch, estimator, log_zbatch.detach(), log_zhat, slope, scale.detach(), *written)
 
         # Value: -s_ii + log Zhat_i. Gradient: -grad s_ii + u_i * grad Z_x summed over the M-step
         # terms, written as (u * Z_x) * grad log Z_x so that nothing leaves log space.

@@ -34,6 +34,8 @@ class PairFeatures:
     b_ind: Tensor | None = None
     a_ind_aug: Tensor | None = None
     b_ind_aug: Tensor | None = None
+    a_bank: Tensor | None = None  # the same views through a momentum encoder, for a memory bank
+    b_bank: Tensor | None = None
 
 
 class ContrastiveObjective(nn.Module):
@@ -61,7 +63,8 @@ class ContrastiveObjective(nn.Module):
         return {**getattr(self.base, "stats", {}), **self.parts}
 
     def forward(self, f: PairFeatures) -> Tensor:
-        cross = self.base(f.a, f.b, index=f.index, logit_scale=f.logit_scale)
+        extra = {} if f.a_bank is None else {"bank_features": (f.a_bank, f.b_bank)}
+        cross = self.base(f.a, f.b, index=f.index, logit_scale=f.logit_scale, **extra)
         parts = {"base": cross.detach()}
         total = cross
         if self.in_modal is not None:

@@ -27,17 +27,17 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "memory, anchor gradient over the bank": ("gamma", {"estimator": "memory", "anchor_gradient": "table"}),
     "memory, bank re-encoded every epoch": ("gamma", {"estimator": "memory", "bank_refresh_steps": "refresh"}),
     "memory, no weight cap": ("gamma", {"estimator": "memory", "max_weight": 1e9}),
+    "ema, gamma 0.9": ("gamma", {"estimator": "ema", "gamma": 0.9}),
+    "ema, gamma 0.5": ("gamma", {"estimator": "ema", "gamma": 0.5}),
+    "ema, gamma 0.1": ("gamma", {"estimator": "ema", "gamma": 0.1}),
+    "ema, gamma 1 -> 0.5 over 5 visits (cosine)": ("gamma", {"estimator": "ema", "gamma": 0.5, "gamma_decay_visits": 5}),
+    "ema, gamma 0.5, no scale correction": ("gamma", {"estimator": "ema", "gamma": 0.5, "scale_correction": False}),
     "memory from a momentum encoder (0.99), anchor gradient over the bank":
         ("gamma", {"estimator": "memory", "anchor_gradient": "table", "train.bank_momentum": 0.99}),
     "memory from a momentum encoder (0.99), anchor gradient from the batch":
         ("gamma", {"estimator": "memory", "train.bank_momentum": 0.99}),
     "memory from a momentum encoder (0.999), anchor gradient over the bank":
         ("gamma", {"estimator": "memory", "anchor_gradient": "table", "train.bank_momentum": 0.999}),
-    "ema, gamma 0.9": ("gamma", {"estimator": "ema", "gamma": 0.9}),
-    "ema, gamma 0.5": ("gamma", {"estimator": "ema", "gamma": 0.5}),
-    "ema, gamma 0.1": ("gamma", {"estimator": "ema", "gamma": 0.1}),
-    "ema, gamma 1 -> 0.5 over 5 visits (cosine)": ("gamma", {"estimator": "ema", "gamma": 0.5, "gamma_decay_visits": 5}),
-    "ema, gamma 0.5, no scale correction": ("gamma", {"estimator": "ema", "gamma": 0.5, "scale_correction": False}),
 }
 KEYS = ("text_retrieval_recall@1", "image_retrieval_recall@1")
 STALENESS = ("staleness_log_error", "batch_log_error", "staleness_log_bias")

@@ -167,3 +167,45 @@ def test_each_regularizer_with_the_gamma_loss_trains_end_to_end(tmp_path, regula
         assert all(full in r and r[full] == r[full] for r in train_records), full  # logged, not NaN
     assert all(math.isfinite(r["in_modal_a"]) and math.isfinite(r["in_modal_b"]) and r["state_age"] >= 0 for r in train_records)
     assert 0 <= json.loads((run / "eval.json").read_text())["metrics"]["lp_acc1"] <= 1
+
+
+def test_momentum_encoder_is_an_ema_of_the_model_and_writes_the_bank(tmp_path):
+    """theta_m <- m theta_m + (1 - m) theta after each step, and the bank rows of a batch are that batch's
+    features through the momentum encoder as it was before the step (not the online features)."""
+    import copy
+
+    trainer = Trainer(_config(tmp_path, "loss.options.estimator=memory", "train.bank_momentum=0.5", "optim.max_steps=4"))
+    bank_loss = trainer.loss_fn.base
+    for step, (index, a, b) in zip(range(3), trainer.loader):
+        before = copy.deepcopy(trainer.momentum_model)
+        trainer.train_step(index, a, b)
+        with torch.no_grad():
+            za, zb, _ = before(a, list(b))
+        torch.testing.assert_close(bank_loss.bank[0, index], torch.nn.functional.normalize(za, dim=1), atol=1e-6, rtol=0)
+        torch.testing.assert_close(bank_loss.bank[1, index], torch.nn.functional.normalize(zb, dim=1), atol=1e-6, rtol=0)
+        online = dict(trainer.model.named_parameters())
+        for name, slow in trainer.momentum_model.named_parameters():
+            expected = 0.5 * dict(before.named_parameters())[name] + 0.5 * online[name].detach()
+            torch.testing.assert_close(slow, expected, atol=1e-7, rtol=0)
+        if step > 0:  # the online model has moved away from the momentum copy
+            assert not torch.allclose(bank_loss.bank[0, index], trainer.model.encode_a(a).detach())
+
+
+def test_momentum_encoder_resumes_bitwise_and_needs_a_memory_bank(tmp_path):
+    common = ["loss.options.estimator=memory", "train.bank_momentum=0.9", "train.deterministic=true", "optim.epochs=2",
+              "data.batch_size=256", "eval.tasks=[retrieval]"]
+    straight = Trainer(_config(tmp_path / "a", *common, "optim.max_steps=6"))
+    straight.train_until(6)
+    first = Trainer(_config(tmp_path / "b", *common, "optim.max_steps=2"))
+    first.train_until(2)
+    first.save()
+    resumed = Trainer(_config(tmp_path / "b", *common, "optim.max_steps=6"))
+    resumed.resume()
+    resumed.train_until(6)
+    for x, y in zip(straight.momentum_model.state_dict().values(), resumed.momentum_model.state_dict().values()):
+        assert torch.equal(x, y)
+    assert torch.equal(straight.loss_fn.base.bank, resumed.loss_fn.base.bank)
+    with pytest.raises(ValueError, match="bank_momentum needs the gamma loss with a memory bank"):
+        Trainer(_config(tmp_path / "c", "loss.options.estimator=ema", "train.bank_momentum=0.9"))
+    with pytest.raises(ValueError, match="bank_momentum must be in"):
+        Trainer(_config(tmp_path / "d", "loss.options.estimator=memory", "train.bank_momentum=1.5"))

@@ -63,7 +63,7 @@ def _candidates(batch: int, dim: int) -> dict:
         return None
 
     infonce = InfoNCELoss(temperature=0.07)
-    gamma = GammaContrastiveLoss(DATASET_SIZE, temperature=0.07)
+    gamma = GammaContrastiveLoss(DATASET_SIZE, temperature=0.07, estimator="ema")
     memory = GammaContrastiveLoss(DATASET_SIZE, temperature=0.07, estimator="memory", memory_candidates=4096)
     sogclr = SogCLRLoss(DATASET_SIZE, temperature=0.07)
     return {

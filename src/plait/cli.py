@@ -81,7 +81,7 @@ def _experiment_batch_sweep(args: argparse.Namespace) -> int:
     from plait.experiments.batch_sweep import run_batch_sweep
 
     table = run_batch_sweep(args.out, datasets=args.datasets, budgets=args.budgets, seeds=args.seeds, quick=args.quick,
-                            workers=args.workers, overrides=args.overrides, reuse=args.reuse)
+                            workers=args.workers, overrides=args.overrides, reuse=args.reuse, lr_multipliers=args.lr_multipliers)
     print(table)
     return 0
 
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default="runs/batch-sweep")
     sweep.add_argument("--datasets", nargs="+", default=["emoji", "uci", "glyphs"])
     sweep.add_argument("--budgets", nargs="+", default=["steps", "epochs"], help="equal optimizer steps and/or equal epochs")
+    sweep.add_argument("--lr-multipliers", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0],
+                       help="the lr grid, x the config's lr x sqrt(B/32) (default: %(default)s)")
     sweep.add_argument("--seeds", type=int, default=3)
     sweep.add_argument("--workers", type=int, default=2)
     sweep.add_argument("--quick", action="store_true", help="2 learning rates, 2 seeds, 3 steps per run")

@@ -6,7 +6,7 @@
 For every dataset, budget and cell (loss, B) -- InfoNCE at B in {32, 128, 512}, the gamma loss
 at B in {8, 16, 32} (``CELLS``) -- the protocol is:
 
-1. **Tune**: one run (seed 0) per learning rate of the grid ``LR_MULTIPLIERS`` x the dataset's
+1. **Tune**: one run (seed 0) per learning rate of the grid ``lr_multipliers`` x the dataset's
    base lr x sqrt(B / 32), trained on the fit part of the training split and scored on the
    validation split carved from it (``data.validation_fraction``; the test split is never
    looked at while choosing). The best validation score picks the cell's lr.
@@ -33,7 +33,7 @@ from pathlib import Path
 from plait.experiments._runs import run_many
 
 CELLS: dict[str, tuple[int, ...]] = {"infonce": (32, 128, 512), "gamma": (8, 16, 32)}
-LR_MULTIPLIERS = (0.5, 1.0, 2.0)
+LR_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0)
 BASE_BATCH = 32
 SEEDS = 3
 VALIDATION_FRACTION = 0.1
@@ -111,7 +111,8 @@ def _fit_size(dataset: str, overrides) -> int:
 
 
 def run_batch_sweep(out_dir, datasets=("emoji", "uci", "glyphs"), budgets=("steps", "epochs"), seeds: int = SEEDS,
-                    quick: bool = False, workers: int = 2, overrides=(), reuse: bool = False, cells=None) -> str:
+                    quick: bool = False, workers: int = 2, overrides=(), reuse: bool = False, cells=None,
+                    lr_multipliers=LR_MULTIPLIERS) -> str:
     """Tune, then run the seeds, for every dataset x budget x cell; write and return the table."""
     from plait.config import load_config
 
@@ -121,7 +122,7 @@ def run_batch_sweep(out_dir, datasets=("emoji", "uci", "glyphs"), budgets=("step
     if unknown:
         raise ValueError(f"unknown batch-sweep dataset or budget {unknown}; datasets: {sorted(DATASETS)}, budgets: steps, epochs")
     cells = cells or CELLS
-    multipliers = LR_MULTIPLIERS[:2] if quick else LR_MULTIPLIERS
+    multipliers = tuple(lr_multipliers)[:2] if quick else tuple(lr_multipliers)
     seeds = 2 if quick else seeds
     started = time.perf_counter()
     results = []

@@ -209,3 +209,27 @@ def test_momentum_encoder_resumes_bitwise_and_needs_a_memory_bank(tmp_path):
         Trainer(_config(tmp_path / "c", "loss.options.estimator=ema", "train.bank_momentum=0.9"))
     with pytest.raises(ValueError, match="bank_momentum must be in"):
         Trainer(_config(tmp_path / "d", "loss.options.estimator=memory", "train.bank_momentum=1.5"))
+
+
+def test_validation_split_step_budget_staleness_records_and_exact_from_a_config(tmp_path):
+    """data.validation_fraction carves a validation split that evaluations during training read; optim.steps is
+    the schedule's length over as many epochs as it takes; the gamma loss logs its staleness once per epoch;
+    estimator=exact gets every item's features from the trainer before each step."""
+    trainer = Trainer(_config(tmp_path, "data.validation_fraction=0.2", "optim.steps=13", "optim.max_steps=null", "data.batch_size=256",
+                              "train.eval_every_epochs=1", "eval.tasks=[retrieval]", "loss.options.estimator=exact"))
+    full = len(trainer.test_set)  # the test split is untouched
+    assert len(trainer.train_set) + len(trainer.validation_set) == len(Trainer(_config(tmp_path / "x")).train_set)
+    assert trainer.total_steps == 13 and trainer.steps_per_epoch < 13
+    metrics = trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = trainer.epoch
+    assert [r["epoch"] for r in records if r.get("split") == "staleness"] == list(range(1, epochs + 1))
+    validation = [r for r in records if r.get("split") == "validation"]
+    assert len(validation) >= 2 and all("text_retrieval_recall@1" in r for r in validation)
+    final = json.loads((tmp_path / "eval.json").read_text())
+    assert final["split"] == "test" and final["metrics"] == metrics and full == len(trainer.test_set)
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at step 13
+    loss = trainer.loss_fn.base
+    assert int(loss.bank_step) == 12 and bool(loss.in_bank.all())  # refreshed before the last step
+    with pytest.raises(ValueError, match="eval.split=validation needs data.validation_fraction"):
+        Trainer(_config(tmp_path / "y", "eval.split=validation"))

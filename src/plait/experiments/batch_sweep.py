@@ -90,14 +90,12 @@ def _cell_settings(dataset: str, budget: str, loss: str, batch_size: int, multip
 
 def _validation_score(run_dir: Path, metric: str) -> float:
     """The last validation-split value of ``metric`` in the run's metrics.jsonl."""
-    last = None
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        if record.get("split") == "validation" and metric in record:
-            last = record[metric]
-    if last is None:
+    from plait.evaluate.curves import read_records
+
+    values = [r[metric] for r in read_records(run_dir, strict=True) if r.get("split") == "validation" and metric in r]
+    if not values:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} has no validation record of {metric}")
-    return float(last)
+    return float(values[-1])
 
 
 def _fit_size(dataset: str, overrides) -> int:

@@ -44,12 +44,11 @@ STALENESS = ("staleness_log_error", "batch_log_error", "staleness_log_bias")
 
 
 def _last(run_dir: Path, split: str) -> dict:
-    last = {}
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        if record.get("split") == split:
-            last = record
-    return last
+    """The run's last metrics.jsonl record of ``split`` ({} without one)."""
+    from plait.evaluate.curves import read_records
+
+    records = [r for r in read_records(run_dir, strict=True) if r.get("split") == split]
+    return records[-1] if records else {}
 
 
 def run_gamma_ablation(out_dir, seeds: int = 3, workers: int = 2, reuse: bool = False, quick: bool = False, overrides=()) -> str:

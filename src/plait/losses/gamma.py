@@ -391,11 +391,9 @@ class GammaContrastiveLoss(PerSampleState):
         truth = torch.stack([_scan_tables((a, b)[d], tables[d], None, None, scale, self.chunk_size, everyone)[0]
                              for d in range(2)])
         positive = scale * (a * b).sum(1)
-        if self.mode == "bimodal":  # the scan excluded the own row j = i, the positive: add it back
-            truth = torch.logaddexp(truth, positive[None, :])
-        else:  # unimodal: the scan excluded the anchor's own row in both tables; the partner is a candidate
-            truth = torch.logaddexp(truth, positive[None, :])
-        truth = truth - math.log(n)
+        # The scan left out row i of every table: the anchor itself (unimodal) and its partner, which
+        # is a candidate (the positive): add the partner back.
+        truth = torch.logaddexp(truth, positive[None, :]) - math.log(n)
         estimator = self.resolved_estimator(a.shape[1])
         if estimator == "ema":
             have = self.visits > 0

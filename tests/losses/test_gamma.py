@@ -483,6 +483,18 @@ def test_staleness_of_a_fresh_full_bank_is_zero_and_batch_noise_is_measured():
     assert loss.staleness(a + 0.5 * torch.randn_like(a), b)["staleness_log_error"] > 0.01
 
 
+def test_unimodal_staleness_of_a_fresh_bank_is_zero_and_an_ema_reads_the_exact_rate():
+    a, b = _pairs(10, 4, seed=21)
+    fresh = _memory_with_full_bank(a, b, 0.5, "batch", mode="unimodal")
+    assert fresh.staleness(a, b, batch_size=5)["staleness_log_error"] == pytest.approx(0.0, abs=1e-12)
+    ema = GammaContrastiveLoss(10, temperature=0.5, estimator="ema", mode="unimodal")
+    ema(a, b, index=torch.arange(10))  # a full batch: the stored rate is the exact one
+    stats = ema.staleness(a, b, batch_size=10)
+    assert stats["staleness_log_error"] == pytest.approx(0.0, abs=1e-6)
+    assert stats["batch_log_error"] == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(ema.log_z.double(), log_z_exact(a, b, 0.5, "unimodal"), atol=1e-6, rtol=0)
+
+
 def test_gradcheck_float64():
     """The analytic gradient of the returned value matches finite differences where the value and the M-step
     gradient are the same function: the exact E-step over the whole data (B = N), and a first visit (Zhat = Zbatch).

@@ -5,7 +5,7 @@ import statistics
 from pathlib import Path
 
 from plait.config import load_config
-from plait.experiments.batch_sweep import BUDGETS, _cell_settings, scaled_lr
+from plait.experiments.batch_sweep import BUDGETS, cell_settings, scaled_lr
 from plait.experiments.small_batch import RUNS, run_small_batch
 
 
@@ -23,7 +23,7 @@ def test_main_job_quick_table_matches_the_runs_eval_files(tmp_path):
 
 
 def _settings(budget, b, multiplier=2.0):
-    run_dir, settings = _cell_settings("emoji", budget, "gamma", b, multiplier, 1, Path("/x"), 2e-3, 2800, quick=False)
+    run_dir, settings = cell_settings("emoji", budget, "gamma", b, multiplier, 1, Path("/x"), 2e-3, 2800, quick=False)
     return run_dir, load_config("emoji", settings)
 
 

@@ -63,7 +63,7 @@ def scaled_lr(base_lr: float, batch_size: int) -> float:
     return base_lr * math.sqrt(batch_size / BASE_BATCH)
 
 
-def _cell_settings(dataset: str, budget: str, loss: str, batch_size: int, multiplier: float, seed: int,
+def cell_settings(dataset: str, budget: str, loss: str, batch_size: int, multiplier: float, seed: int,
                    out: Path, base_lr: float, fit_size: int, quick: bool) -> tuple[Path, list[str]]:
     run_dir = out / dataset / budget / f"{loss}-b{batch_size}-lr{multiplier:g}-s{seed}"
     steps_per_epoch = fit_size // batch_size
@@ -98,7 +98,7 @@ def _validation_score(run_dir: Path, metric: str) -> float:
     return float(values[-1])
 
 
-def _fit_size(dataset: str, overrides) -> int:
+def fit_size(dataset: str, overrides) -> int:
     from plait.config import load_config
     from plait.data import build_dataset, carve_validation
 
@@ -129,10 +129,10 @@ def run_batch_sweep(out_dir, datasets=("emoji", "uci", "glyphs"), budgets=("step
         if dataset == "glyphs":
             _ensure_glyphs(load_config(spec["config"], list(overrides)))
         base_lr = load_config(spec["config"], list(overrides)).optim.lr
-        fit_size = _fit_size(dataset, overrides)
+        fit = fit_size(dataset, overrides)
         for budget in budgets:
             def job(loss, b, m, seed):
-                run_dir, settings = _cell_settings(dataset, budget, loss, b, m, seed, out, base_lr, fit_size, quick)
+                run_dir, settings = cell_settings(dataset, budget, loss, b, m, seed, out, base_lr, fit, quick)
                 tags = {"dataset": dataset, "budget": budget, "loss": loss, "batch_size": b, "lr_multiplier": m, "seed": seed}
                 return spec["config"], (*settings, *overrides), tags
 

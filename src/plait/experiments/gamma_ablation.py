@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 from plait.experiments._runs import run_many
-from plait.experiments.batch_sweep import BUDGETS, VALIDATION_FRACTION, _fit_size
+from plait.experiments.batch_sweep import BUDGETS, VALIDATION_FRACTION, fit_size
 
 BATCH = 32
 # name -> (loss, loss options); "refresh" is replaced by the steps of one epoch; a dotted key
@@ -55,7 +55,7 @@ def run_gamma_ablation(out_dir, seeds: int = 3, workers: int = 2, reuse: bool = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = 3 if quick else BUDGETS["emoji"]["steps"]
-    per_epoch = _fit_size("emoji", overrides) // BATCH
+    per_epoch = fit_size("emoji", overrides) // BATCH
     jobs = []
     for number, (name, (loss, options)) in enumerate(VARIANTS.items()):
         for seed in range(1 if quick else seeds):

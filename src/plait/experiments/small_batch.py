@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from plait.experiments._runs import run_many
-from plait.experiments.batch_sweep import BUDGETS, _cell_settings, _fit_size
+from plait.experiments.batch_sweep import BUDGETS, cell_settings, fit_size
 
 RUNS = (("gamma", 32), ("infonce", 32), ("infonce", 128))
 # lr multiplier (x the config's lr x sqrt(B/32)) that E2's tuning chose for each cell, equal steps.
@@ -36,13 +36,13 @@ def run_small_batch(out_dir: str | Path, quick: bool = False, overrides=(), work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base_lr = load_config("emoji", list(overrides)).optim.lr
-    fit_size = _fit_size("emoji", overrides)
+    fit = fit_size("emoji", overrides)
     seeds = 1 if quick else seeds
     jobs = []
     for loss, b in RUNS:
         for seed in range(seeds):
-            run_dir, settings = _cell_settings("emoji", "steps", loss, b, TUNED_LR_MULTIPLIER[(loss, b)], seed, out,
-                                               base_lr, fit_size, quick)
+            run_dir, settings = cell_settings("emoji", "steps", loss, b, TUNED_LR_MULTIPLIER[(loss, b)], seed, out,
+                                               base_lr, fit, quick)
             jobs.append(("emoji", (*settings, *overrides), {"loss": loss, "batch_size": b, "seed": seed}))
     jobs.sort(key=lambda job: -job[2]["batch_size"])
     runs = run_many(jobs, workers, threads=threads)

@@ -41,6 +41,20 @@ def test_bad_config_is_reported_with_the_key(tmp_path, capsys):
     assert "nonexistent.yaml does not exist" in capsys.readouterr().err
 
 
+def _straight_and_resumed(tmp_path, common, stop: int, total: int) -> tuple[Trainer, Trainer]:
+    """``total`` steps in one go, and ``stop`` steps, a checkpoint, then a resumed trainer to ``total``."""
+    straight = Trainer(_config(tmp_path / "a", *common, f"optim.max_steps={total}"))
+    straight.train_until(total)
+    first = Trainer(_config(tmp_path / "b", *common, f"optim.max_steps={stop}"))
+    first.train_until(stop)
+    first.save()
+    resumed = Trainer(_config(tmp_path / "b", *common, f"optim.max_steps={total}"))
+    resumed.resume()
+    assert resumed.step == stop
+    resumed.train_until(total)
+    return straight, resumed
+
+
 @pytest.mark.parametrize("loss", ["gamma", "infonce", "sogclr"])
 def test_resume_after_k_steps_is_bitwise_identical(tmp_path, loss):
     """Stop after 3 steps (checkpoint), resume to 7: the same parameters, bit for bit, as 7 steps
@@ -48,16 +62,7 @@ def test_resume_after_k_steps_is_bitwise_identical(tmp_path, loss):
     come back from the checkpoint."""
     common = [f"loss.name={loss}", "train.deterministic=true", "optim.epochs=2", "data.batch_size=256",
               "data.augment.image=true", "data.augment.text=true", "eval.tasks=[retrieval]"]
-    straight = Trainer(_config(tmp_path / "a", *common, "optim.max_steps=7"))
-    straight.train_until(7)
-
-    first = Trainer(_config(tmp_path / "b", *common, "optim.max_steps=3"))
-    first.train_until(3)
-    first.save()
-    resumed = Trainer(_config(tmp_path / "b", *common, "optim.max_steps=7"))
-    resumed.resume()
-    assert resumed.step == 3
-    resumed.train_until(7)
+    straight, resumed = _straight_and_resumed(tmp_path, common, stop=3, total=7)
     for (name, x), y in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(x, y), name
     for (name, x), y in zip(straight.loss_fn.state_dict().items(), resumed.loss_fn.state_dict().values()):
@@ -194,14 +199,7 @@ def test_momentum_encoder_is_an_ema_of_the_model_and_writes_the_bank(tmp_path):
 def test_momentum_encoder_resumes_bitwise_and_needs_a_memory_bank(tmp_path):
     common = ["loss.options.estimator=memory", "train.bank_momentum=0.9", "train.deterministic=true", "optim.epochs=2",
               "data.batch_size=256", "eval.tasks=[retrieval]"]
-    straight = Trainer(_config(tmp_path / "a", *common, "optim.max_steps=6"))
-    straight.train_until(6)
-    first = Trainer(_config(tmp_path / "b", *common, "optim.max_steps=2"))
-    first.train_until(2)
-    first.save()
-    resumed = Trainer(_config(tmp_path / "b", *common, "optim.max_steps=6"))
-    resumed.resume()
-    resumed.train_until(6)
+    straight, resumed = _straight_and_resumed(tmp_path, common, stop=2, total=6)
     for x, y in zip(straight.momentum_model.state_dict().values(), resumed.momentum_model.state_dict().values()):
         assert torch.equal(x, y)
     assert torch.equal(straight.loss_fn.base.bank, resumed.loss_fn.base.bank)

@@ -3,9 +3,15 @@
 - ``save_checkpoint``: everything a run needs to resume (model, optimiser, scheduler, loss
   state, random states, data position, config), written atomically (``plait.atomic``): an
   interrupted write leaves the previous file whole.
-- ``load_checkpoint``: ``torch.load(weights_only=True)``, so a checkpoint can never run code.
+- ``load_checkpoint``: ``torch.load(weights_only=True)``, so a checkpoint can never run code:
+  a pickle naming any global beyond tensors and plain containers is refused unread.
 - ``export_weights`` / ``load_weights``: the model's tensors as safetensors, with the run's
-  config in the file's metadata.
+  config and the model's input spec (``plait.models.input_spec``) in the file's metadata.
+
+Both files are data that users exchange. Whatever is wrong with one (missing, truncated, not
+a plait file, a crafted pickle, a malformed safetensors header) is a ValueError of one line
+naming the file; the config inside is read by ``plait.config.load_stored_config`` (validated,
+never interpolated, registered component names only).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from torch import nn
 from plait.atomic import atomic_write
 
 FORMAT = "plait-checkpoint-1"
+WEIGHTS_FORMAT = "plait-weights-1"
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
@@ -32,31 +39,80 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise ValueError(f"checkpoint {path} is not a loadable plait checkpoint: {error}") from error
+        raise ValueError(f"checkpoint {path} is not a loadable plait checkpoint: {_reason(error)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path} is not a plait checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
     return state
 
 
-def export_weights(model: nn.Module, path: str | Path, config_yaml: str) -> Path:
-    """The model's parameters and buffers as safetensors, with ``config`` in the metadata."""
+def _reason(error: Exception) -> str:
+    """The first line of a loader's error: torch's unpickler explains itself over 20 lines."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:  # torch names the refused global on a line of its own
+        if "Unsupported global" in line or "GLOBAL" in line:
+            return f"{line.rstrip('.')} (refused without running it)"
+    return lines[0] if lines else type(error).__name__
+
+
+def export_weights(model: nn.Module, path: str | Path, config_yaml: str, inputs: dict | None = None) -> Path:
+    """The model's parameters and buffers as safetensors, with ``config`` (and the model's
+    ``inputs`` spec, JSON) in the metadata."""
+    import json
+
     from safetensors.torch import save
 
     tensors = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in model.state_dict().items()}
-    data = save(tensors, metadata={"format": "plait-weights-1", "config": config_yaml})
+    metadata = {"format": WEIGHTS_FORMAT, "config": config_yaml}
+    if inputs is not None:
+        metadata["inputs"] = json.dumps(inputs)
+    data = save(tensors, metadata=metadata)
     return atomic_write(path, lambda handle: handle.write(data))
 
 
-def load_weights(path: str | Path) -> tuple[dict, str]:
-    """(state_dict, config yaml) from an exported safetensors file."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+def load_weights(path: str | Path, with_inputs: bool = False):
+    """(state_dict, config yaml) from an exported safetensors file; with ``with_inputs``,
+    (state_dict, config yaml, input spec or None)."""
+    import json
+
+    from safetensors.torch import load
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"weights file {path} does not exist")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    data = path.read_bytes()
+    metadata = _safetensors_metadata(data, path)
     if "config" not in metadata:
         raise ValueError(f"{path} has no plait config in its metadata; was it written by plait export?")
-    return load_file(str(path)), metadata["config"]
+    try:
+        state = load(data)
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {_reason(error)}") from None
+    inputs = None
+    if "inputs" in metadata:
+        try:
+            inputs = json.loads(metadata["inputs"])
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: malformed input spec in its metadata") from None
+    return (state, metadata["config"], inputs) if with_inputs else (state, metadata["config"])
+
+
+def _safetensors_metadata(data: bytes, path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, its header checked first: 8 bytes of length,
+    then that many bytes of JSON within the file."""
+    import json
+
+    if len(data) < 8:
+        raise ValueError(f"{path} is not a safetensors file (only {len(data)} bytes)")
+    size = int.from_bytes(data[:8], "little")
+    if size < 2 or 8 + size > len(data):
+        raise ValueError(f"{path} is not a safetensors file or is truncated (header of {size} bytes in a {len(data)}-byte file)")
+    try:
+        header = json.loads(data[8:8 + size].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path} has a malformed safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a malformed safetensors header (not an object)")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path} has malformed safetensors metadata")
+    return metadata

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+EXIT_OK, EXIT_BUG, EXIT_USER_ERROR = 0, 1, 2  # 2 also for command-line syntax errors (argparse)
+
 
 def _experiment_gradient_bias(args: argparse.Namespace) -> int:
     from plait.experiments.gradient_bias import GradientBiasConfig, run_gradient_bias
@@ -37,7 +39,7 @@ def _train(args: argparse.Namespace) -> int:
     from plait.train import train
 
     config = load_config(args.config, args.overrides)
-    metrics = train(config, resume=args.resume if args.resume is not None else False)
+    metrics = train(config, resume=args.resume if args.resume is not None else False, allow_import=args.allow_import)
     report = write_report(config.output_dir)
     print(json.dumps(metrics, indent=1))
     print(f"wrote {config.output_dir} (report: {report})")
@@ -47,7 +49,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from plait.evaluate.run import evaluate_saved
 
-    metrics = evaluate_saved(args.weights, data=args.data, overrides=args.overrides, out_dir=args.out)
+    metrics = evaluate_saved(args.weights, data=args.data, overrides=args.overrides, out_dir=args.out,
+                             allow_import=args.allow_import)
     print(json.dumps(metrics, indent=1))
     return 0
 
@@ -114,6 +117,8 @@ def _experiment_regularizers(args: argparse.Namespace) -> int:
     return 0
 
 
+ALLOW_IMPORT_HELP = ("let encoders named package.module:Class in the config be imported (runs that code); "
+                     "without it only built-in encoders are accepted, and a value inside a file never sets it")
 REUSE_HELP = "keep runs whose directory already holds the final evaluation of the same config"
 
 
@@ -126,12 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=64 loss.name=infonce")
     train.add_argument("--resume", nargs="?", const=True, default=None,
                        help="resume from OUTPUT_DIR/checkpoint.pt, or from the checkpoint given")
+    train.add_argument("--allow-import", action="store_true", help=ALLOW_IMPORT_HELP)
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate exported weights (model.safetensors) or a checkpoint")
     evaluate.add_argument("weights", help="model.safetensors or checkpoint.pt of a run")
     evaluate.add_argument("--data", default=None, help="dataset name (default: the run's)")
     evaluate.add_argument("--out", default=None, help="directory for eval.json and gallery.npz")
+    evaluate.add_argument("--allow-import", action="store_true", help=ALLOW_IMPORT_HELP)
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.options.path=pairs.csv eval.label=group")
     evaluate.set_defaults(handler=_eval)
 
@@ -227,7 +234,17 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except ValueError as error:  # bad input: say what and where, no traceback
         print(f"plait: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("plait: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # anything else is a bug in plait: the traceback, and exit code 1
+        import traceback
+
+        traceback.print_exc()
+        print("plait: internal error (a bug in plait, not in your input); please report it with the traceback above",
+              file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

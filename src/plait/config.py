@@ -134,26 +134,150 @@ def resolve_config_path(path: str | Path) -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Defaults <- YAML file <- ``key=value`` overrides; errors name the offending key."""
+    """Defaults <- YAML file <- ``key=value`` overrides; errors name the file (and line) or the
+    override at fault, and the key."""
     config = OmegaConf.structured(RunConfig)
+    if path is not None:
+        path = resolve_config_path(path)
+        config = _merge(config, _read_yaml(path), f"bad config in {path}")
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        try:
+            dotlist = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as error:
+            raise ValueError(f"bad override {item!r}: {_first_line(error)}") from None
+        config = _merge(config, dotlist, f"bad override {item!r}")
     try:
-        if path is not None:
-            path = resolve_config_path(path)
-            config = OmegaConf.merge(config, OmegaConf.load(path))
-        for item in overrides:
-            if "=" not in item:
-                raise ValueError(f"override {item!r} is not of the form key=value")
-        config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
         OmegaConf.resolve(config)
     except OmegaConfBaseException as error:
         where = f" in {path}" if path is not None else ""
-        raise ValueError(f"bad config{where}: {error}".splitlines()[0] + f" ({error.full_key if hasattr(error, 'full_key') else ''})") from error
+        raise ValueError(f"bad config{where}: {_first_line(error)}") from None
     return config
+
+
+def _first_line(error: Exception) -> str:
+    key = getattr(error, "full_key", None)
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{text} (key {key})" if key and str(key) not in text else text
+
+
+def _merge(config: DictConfig, other, context: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(config, other)
+    except OmegaConfBaseException as error:
+        raise ValueError(f"{context}: {_first_line(error)}") from None
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """A user's YAML file as an OmegaConf node; syntax errors name the file and line."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"config file {path} is not valid UTF-8 (byte {error.start})") from None
+    except OSError as error:
+        raise ValueError(f"cannot read config file {path}: {error.strerror or error}") from None
+    try:
+        node = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"config file {path} is not valid YAML:{line} {problem}") from None
+    except OmegaConfBaseException as error:
+        raise ValueError(f"bad config in {path}: {_first_line(error)}") from None
+    if not isinstance(node, DictConfig):
+        raise ValueError(f"config file {path} must hold a mapping of sections (data:, model:, ...), got a {type(node).__name__}")
+    return node
 
 
 def to_yaml(config: DictConfig) -> str:
     return OmegaConf.to_yaml(config)
 
 
-def from_yaml(text: str) -> DictConfig:
-    return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
+# ------------------------------------------------------------------------------ stored configs
+def load_stored_config(text: str, source: str = "stored config") -> DictConfig:
+    """The config stored inside a checkpoint or an exported weights file, read as *data*.
+
+    A file that users exchange must not run code or read the environment when loaded, so its
+    config is parsed with YAML's safe loader, any interpolation (``${...}``, which could call a
+    resolver such as ``oc.env``) is refused instead of resolved, the result is validated against
+    the schema, and every component name (dataset, encoders, loss, regularisers) must be a
+    registered one (:func:`check_components`). Errors are one line naming ``source``.
+    """
+    import yaml
+
+    if not isinstance(text, str):
+        raise ValueError(f"{source}: the stored config is not text")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ValueError(f"{source}: the stored config is not valid YAML{line}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: the stored config is not a mapping of sections")
+    for key, value in _leaves(data):
+        if isinstance(value, str) and "${" in value:
+            raise ValueError(f"{source}: stored config value {key} = {value[:60]!r} is an interpolation; "
+                             "stored configs are data and are never resolved (refused)")
+        if isinstance(key, str) and "${" in key:
+            raise ValueError(f"{source}: stored config key {key[:60]!r} is an interpolation (refused)")
+    try:
+        config = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(data))
+    except OmegaConfBaseException as error:
+        raise ValueError(f"{source}: the stored config does not fit the schema: {_first_line(error)}") from None
+    check_components(config, source=source)
+    return config
+
+
+def _leaves(value, prefix: str = ""):
+    """(dotted key, value) of every entry of nested dicts/lists, keys included as values."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            yield name, key
+            yield from _leaves(item, name)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _leaves(item, f"{prefix}[{index}]")
+    else:
+        yield prefix, value
+
+
+def check_components(config: DictConfig, source: str = "config", allow_import: bool = False) -> None:
+    """Every component a config names is registered: the dataset, the loss, the regularisers and
+    the encoders (an encoder ``package.module:Class`` only with ``allow_import``, which only the
+    command line's ``--allow-import`` sets). Raises a ValueError naming the key."""
+    from plait.data.registry import ALIASES as DATA_ALIASES, DATASETS
+    from plait.losses.objective import REGULARIZER_ALIASES, REGULARIZERS
+    from plait.losses.registry import ALIASES as LOSS_ALIASES, LOSSES
+    from plait.models import ENCODERS
+
+    def check(key: str, name, valid: list[str]) -> None:
+        if not isinstance(name, str) or name.lower() not in valid:
+            raise ValueError(f"{source}: {key}={name!r} is not a registered name; valid: {', '.join(sorted(valid))}")
+
+    check("data.name", config.data.name, [*DATASETS, *DATA_ALIASES])
+    check("loss.name", config.loss.name, [*LOSSES, *LOSS_ALIASES, "ntxent"])
+    for index, spec in enumerate(config.regularizers):
+        check(f"regularizers[{index}].name", spec.get("name") if isinstance(spec, DictConfig) else None,
+              [*REGULARIZERS, *REGULARIZER_ALIASES])
+    for side in ("a", "b"):
+        spec = config.model[side]
+        if not spec:
+            continue
+        name = spec.get("name")
+        if allow_import and isinstance(name, str) and ":" in name:
+            continue
+        if isinstance(name, str) and ":" in name:
+            raise ValueError(f"{source}: model.{side}.name={name!r} is an import path; importing code named in a "
+                             "config needs --allow-import on the command line (never honoured from a file's contents)")
+        check(f"model.{side}.name", name, list(ENCODERS))
+
+
+def from_yaml(text: str, source: str = "stored config") -> DictConfig:
+    """Alias of :func:`load_stored_config` (every YAML that plait reads back is a stored config)."""
+    return load_stored_config(text, source)

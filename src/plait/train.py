@@ -109,9 +109,11 @@ def _join(x, y):
 class Trainer:
     """Builds everything a config names and runs (or resumes) it."""
 
-    def __init__(self, config: DictConfig, run_dir: str | Path | None = None):
+    def __init__(self, config: DictConfig, run_dir: str | Path | None = None, allow_import: bool = False):
+        """``allow_import``: encoders named ``package.module:Class`` may be imported (the command
+        line's ``--allow-import``); otherwise only built-in encoders are accepted."""
         from plait.data import build_dataset
-        from plait.models import build_model
+        from plait.models import build_model, input_spec
 
         self.config = config
         self.run_dir = Path(run_dir or config.output_dir)
@@ -140,8 +142,9 @@ class Trainer:
             raise ValueError(f"data.batch_size={batch_size} must be in [2, {len(self.train_set)}] (the training set size)")
 
         self.loss_fn = build_objective(config, len(self.train_set)).to(self.device)
-        self.model = build_model(OmegaConf.to_container(config.model, resolve=True), self.train_set,
-                                 independent=self.loss_fn.needs_independent).to(self.device)
+        self.inputs = input_spec(self.train_set)  # stored with the weights: a saved model is rebuilt without its data
+        self.model = build_model(OmegaConf.to_container(config.model, resolve=True), self.inputs,
+                                 independent=self.loss_fn.needs_independent, allow_import=allow_import).to(self.device)
         self.momentum_model = self._momentum_copy()
         self.sampler = EpochSampler(len(self.train_set), config.seed)
         self.loader = torch.utils.data.DataLoader(
@@ -310,6 +313,7 @@ class Trainer:
         augment = {side: module.get_state() for side, module in self.augment.items() if module is not None}
         return {
             "config": to_yaml(self.config),
+            "inputs": self.inputs,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -435,7 +439,7 @@ class Trainer:
     def finish(self) -> dict:
         config = self.config
         self.save()
-        export_weights(self.model, self.run_dir / "model.safetensors", to_yaml(config))
+        export_weights(self.model, self.run_dir / "model.safetensors", to_yaml(config), inputs=self.inputs)
         on = config.eval.split
         metrics = self.evaluate(write=True, on=on)
         if self.validation_set is not None and on == "test" and config.train.eval_every_epochs:
@@ -460,8 +464,8 @@ class Trainer:
         )
 
 
-def train(config: DictConfig, resume: bool | str = False) -> dict:
-    trainer = Trainer(config)
+def train(config: DictConfig, resume: bool | str = False, allow_import: bool = False) -> dict:
+    trainer = Trainer(config, allow_import=allow_import)
     if resume:
         trainer.resume(None if resume is True else resume)
     return trainer.fit()

@@ -64,8 +64,12 @@ def test_two_tower_normalises_and_clamps_logit_scale():
 
 def test_build_encoder_builtin_plugin_and_errors():
     assert isinstance(build_encoder({"name": "mlp", "out_dim": 4}, torch.rand(3, 8, 8)), MLPEncoder)
-    plugged = build_encoder({"name": "tests.models.test_models:TinyEncoder", "out_dim": 3}, torch.rand(5))
+    plugged = build_encoder({"name": "tests.models.test_models:TinyEncoder", "out_dim": 3}, torch.rand(5), allow_import=True)
     assert isinstance(plugged, TinyEncoder)
+    with pytest.raises(ValueError, match="needs --allow-import"):  # importing code is an explicit opt-in
+        build_encoder({"name": "tests.models.test_models:TinyEncoder", "out_dim": 3}, torch.rand(5))
+    with pytest.raises(ValueError, match="cannot be imported"):
+        build_encoder({"name": "no_such_module_x:Thing"}, torch.rand(5), allow_import=True)
     with pytest.raises(ValueError, match="unknown encoder 'resnet'"):
         build_encoder({"name": "resnet"}, torch.rand(5))
     with pytest.raises(ValueError, match="mlp encoder takes tensors"):

@@ -198,14 +198,15 @@ def to_yaml(config: DictConfig) -> str:
 
 
 # ------------------------------------------------------------------------------ stored configs
-def load_stored_config(text: str, source: str = "stored config") -> DictConfig:
+def load_stored_config(text: str, source: str = "stored config", allow_import: bool = False) -> DictConfig:
     """The config stored inside a checkpoint or an exported weights file, read as *data*.
 
     A file that users exchange must not run code or read the environment when loaded, so its
     config is parsed with YAML's safe loader, any interpolation (``${...}``, which could call a
     resolver such as ``oc.env``) is refused instead of resolved, the result is validated against
     the schema, and every component name (dataset, encoders, loss, regularisers) must be a
-    registered one (:func:`check_components`). Errors are one line naming ``source``.
+    registered one (:func:`check_components`; an import path only with ``allow_import``, which
+    only the command line sets). Errors are one line naming ``source``.
     """
     import yaml
 
@@ -229,7 +230,7 @@ def load_stored_config(text: str, source: str = "stored config") -> DictConfig:
         config = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(data))
     except OmegaConfBaseException as error:
         raise ValueError(f"{source}: the stored config does not fit the schema: {_first_line(error)}") from None
-    check_components(config, source=source)
+    check_components(config, source=source, allow_import=allow_import)
     return config
 
 

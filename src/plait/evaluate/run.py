@@ -14,11 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 from omegaconf import DictConfig, OmegaConf
 
 from plait import runtime
 from plait.checkpoint import load_checkpoint, load_weights
-from plait.config import check_components, load_stored_config
+from plait.config import load_stored_config
 
 
 def load_model(path: str | Path, device: torch.device | None = None, allow_import: bool = False):
@@ -35,9 +36,7 @@ def load_model(path: str | Path, device: torch.device | None = None, allow_impor
         state, config_yaml, inputs = checkpoint["model"], checkpoint["config"], checkpoint.get("inputs")
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise ValueError(f"{path}: the model entry is not a mapping of names to tensors")
-    config = load_stored_config(config_yaml, source=str(path))
-    if allow_import:
-        check_components(config, source=str(path), allow_import=True)
+    config = load_stored_config(config_yaml, source=str(path), allow_import=allow_import)
     if inputs is None:  # written before input specs were stored: size the towers from the training data
         from plait.data import build_dataset
 
@@ -51,7 +50,7 @@ def load_model(path: str | Path, device: torch.device | None = None, allow_impor
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    wrong = [k for k in expected if k in state and not nn.parameter.is_lazy(expected[k]) and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
         details = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
                    f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",

@@ -89,6 +89,10 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     tensorboard: bool = False
     progress: bool = True
+    # a non-finite loss or gradient norm (or a feature row with no direction): stop (raise, naming
+    # the step, the batch and the last good checkpoint) | skip (no optimizer step; the schedule and
+    # the data position still advance; 20 consecutive skips stop the run)
+    on_nonfinite: str = "stop"
 
 
 @dataclass
@@ -136,6 +140,8 @@ def resolve_config_path(path: str | Path) -> Path:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Defaults <- YAML file <- ``key=value`` overrides; errors name the file (and line) or the
     override at fault, and the key."""
+    import yaml
+
     config = OmegaConf.structured(RunConfig)
     if path is not None:
         path = resolve_config_path(path)
@@ -145,7 +151,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ValueError(f"override {item!r} is not of the form key=value")
         try:
             dotlist = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as error:
+        except (OmegaConfBaseException, yaml.YAMLError) as error:
             raise ValueError(f"bad override {item!r}: {_first_line(error)}") from None
         config = _merge(config, dotlist, f"bad override {item!r}")
     try:
@@ -165,7 +171,7 @@ def _first_line(error: Exception) -> str:
 def _merge(config: DictConfig, other, context: str) -> DictConfig:
     try:
         return OmegaConf.merge(config, other)
-    except OmegaConfBaseException as error:
+    except (OmegaConfBaseException, TypeError) as error:  # TypeError: e.g. a list where a mapping belongs
         raise ValueError(f"{context}: {_first_line(error)}") from None
 
 
@@ -180,16 +186,17 @@ def _read_yaml(path: Path) -> DictConfig:
     except OSError as error:
         raise ValueError(f"cannot read config file {path}: {error.strerror or error}") from None
     try:
-        node = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+        data = yaml.safe_load(text)  # its shape first; OmegaConf's own dialect (1e-3 is a float) for the values
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections (data:, model:, ...), got {type(data).__name__}")
+        node = OmegaConf.create(text) if data else OmegaConf.create({})
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ValueError(f"config file {path} is not valid YAML:{line} {problem}") from None
-    except OmegaConfBaseException as error:
+    except (OmegaConfBaseException, TypeError) as error:
         raise ValueError(f"bad config in {path}: {_first_line(error)}") from None
-    if not isinstance(node, DictConfig):
-        raise ValueError(f"config file {path} must hold a mapping of sections (data:, model:, ...), got a {type(node).__name__}")
     return node
 
 
@@ -228,7 +235,7 @@ def load_stored_config(text: str, source: str = "stored config", allow_import: b
             raise ValueError(f"{source}: stored config key {key[:60]!r} is an interpolation (refused)")
     try:
         config = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(data))
-    except OmegaConfBaseException as error:
+    except (OmegaConfBaseException, TypeError) as error:
         raise ValueError(f"{source}: the stored config does not fit the schema: {_first_line(error)}") from None
     check_components(config, source=source, allow_import=allow_import)
     return config

@@ -1,4 +1,10 @@
-"""Atomic file writes: the whole new file, or the old one untouched."""
+"""Atomic file writes: the whole new file, or the old one untouched.
+
+``atomic_write(path, write)`` writes a temporary ``.<name>.tmp-*`` beside ``path``, fsyncs it,
+moves it onto ``path`` with ``os.replace`` and fsyncs the directory, so the rename itself
+survives a power cut. A failed write (disk full, permissions, an interrupt) removes the
+temporary file; an ``OSError`` becomes a :class:`WriteError` of one line naming the file.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +13,67 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+TEMP_MARK = ".tmp-"  # temporary files are named f".{name}{TEMP_MARK}<random>"
+
+
+class WriteError(OSError, ValueError):
+    """A file could not be written (disk full, no permission, ...); the previous file, if any, is
+    unchanged. An ``OSError`` (``errno`` kept) and a ``ValueError``, so the command line reports
+    it as one line."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def temp_files(directory: str | Path) -> list[Path]:
+    """The temporary files that interrupted atomic writes left in ``directory``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob(f".*{TEMP_MARK}*") if p.is_file())
+
+
+def fsync_directory(directory: str | Path) -> None:
+    """fsync a directory (its entries: a rename), where the platform allows it (not on Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it, and move it onto
-    ``path`` with ``os.replace``; on any exception (KeyboardInterrupt included) the temporary
-    file is removed and ``path`` keeps its previous content."""
+    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it, move it onto
+    ``path`` with ``os.replace`` and fsync the directory; on any exception (KeyboardInterrupt
+    included) the temporary file is removed and ``path`` keeps its previous content."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}")
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp = None
+    except BaseException as error:
+        if tmp is not None:
+            try:
+                Path(tmp).unlink(missing_ok=True)
+            except OSError:
+                pass
+        if isinstance(error, OSError) and not isinstance(error, WriteError):
+            reason = error.strerror or str(error) or type(error).__name__
+            kept = f"the previous {path.name} is unchanged" if path.exists() else f"{path.name} was not created"
+            raise WriteError(error.errno, f"could not write {path}: {reason} ({kept})") from error
         raise
+    fsync_directory(path.parent)
     return path
 
 

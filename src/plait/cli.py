@@ -39,7 +39,8 @@ def _train(args: argparse.Namespace) -> int:
     from plait.train import train
 
     config = load_config(args.config, args.overrides)
-    metrics = train(config, resume=args.resume if args.resume is not None else False, allow_import=args.allow_import)
+    metrics = train(config, resume=args.resume if args.resume is not None else False, overwrite=args.overwrite,
+                    allow_import=args.allow_import)
     report = write_report(config.output_dir)
     print(json.dumps(metrics, indent=1))
     print(f"wrote {config.output_dir} (report: {report})")
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=64 loss.name=infonce")
     train.add_argument("--resume", nargs="?", const=True, default=None,
                        help="resume from OUTPUT_DIR/checkpoint.pt, or from the checkpoint given")
+    train.add_argument("--overwrite", action="store_true",
+                       help="OUTPUT_DIR holds another run: delete the files plait wrote there and start again")
     train.add_argument("--allow-import", action="store_true", help=ALLOW_IMPORT_HELP)
     train.set_defaults(handler=_train)
 

@@ -12,13 +12,27 @@ import numpy as np
 import torch
 
 
+DEVICES = "auto, cpu, cuda, cuda:N (N: a GPU's index), mps"
+
+
 def select_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA if available, else CPU; otherwise the named device (checked)."""
+    """``auto``: CUDA if available, else CPU; otherwise the named device (checked: a ValueError
+    naming ``train.device`` and the valid forms for anything else or a device this machine lacks)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"train.device={name!r} is not a device plait runs on; valid: {DEVICES}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"train.device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 ...)")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"train.device={name!r} but MPS is not available on this machine")
     return device
 
 

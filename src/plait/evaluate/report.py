@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from plait.atomic import atomic_write_text
 from plait.evaluate.curves import is_number as _is_number
 from plait.evaluate.curves import integer_ticks, read_records, series
 
@@ -390,7 +391,7 @@ def write_report(run_dir: str | Path, fmt: str = "md", max_gallery: int = 16) ->
         blocks.append(("code", "config.yaml", config.read_text(encoding="utf-8")))
 
     out = run_dir / f"report.{fmt}"
-    out.write_text(_render_md(blocks) if fmt == "md" else _render_html(blocks, run_dir.resolve().name), encoding="utf-8")
+    atomic_write_text(out, _render_md(blocks) if fmt == "md" else _render_html(blocks, run_dir.resolve().name))
     return out
 
 

@@ -2,7 +2,7 @@
 
 Writes ``eval.json`` (CLIP_benchmark-style metric names, flattened with a task prefix where
 needed) and ``gallery.npz`` (query images with their top-5 retrieved captions) when given a run
-directory. Tasks: ``retrieval``, ``zero_shot``, ``linear_probe``, ``few_shot``, ``knn``.
+directory (both atomically). Tasks: ``retrieval``, ``zero_shot``, ``linear_probe``, ``few_shot``, ``knn``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from plait.atomic import atomic_write, atomic_write_text
 
 TASKS = ("retrieval", "zero_shot", "linear_probe", "few_shot", "knn")
 
@@ -79,7 +81,7 @@ def evaluate_model(model, train_set, test_set, config, device, run_dir: str | Pa
     if run_dir is not None:
         run_dir = Path(run_dir)
         result = {**(info or {}), "label": label, "metrics": metrics}
-        (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+        atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=1))
         if config.gallery and test_set.modalities == ("image", "text"):
             _write_gallery(test_set, za, zb, config.gallery, run_dir / "gallery.npz")
     model.train(was_training)
@@ -95,4 +97,4 @@ def _write_gallery(test_set, za, zb, count: int, path: Path) -> None:
     images = np.stack([(test_set[i][1].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8) for i in rows])
     captions = np.array([[test_set.texts[j] for j in row] for row in top.tolist()])
     truth = np.array([test_set.texts[i] for i in rows])
-    np.savez(path, images=images, captions=captions, truth=truth)
+    atomic_write(path, lambda handle: np.savez(handle, images=images, captions=captions, truth=truth))

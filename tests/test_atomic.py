@@ -1,0 +1,87 @@
+"""Atomic writes: the whole new file or the old one, the rename made durable, errors in one line."""
+
+import errno
+import os
+import stat
+
+import pytest
+
+from plait import atomic
+from plait.atomic import WriteError, atomic_write, atomic_write_text, temp_files
+
+
+def test_the_file_is_fsynced_replaced_then_its_directory_fsynced(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("replace")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "sub" / "eval.json"
+    assert atomic_write_text(target, "{}") == target
+    assert events == ["fsync file", "replace", "fsync dir"]
+    assert target.read_text() == "{}" and temp_files(target.parent) == []
+
+
+def test_a_platform_that_cannot_open_directories_still_writes(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def no_directories(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Permission denied")  # as on Windows
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_directories)
+    atomic_write(tmp_path / "w.bin", lambda handle: handle.write(b"\x00\x01"))
+    assert (tmp_path / "w.bin").read_bytes() == b"\x00\x01"
+
+
+def test_disk_full_mid_file_keeps_the_old_bytes_leaves_no_temp_file_and_says_so_in_one_line(tmp_path):
+    target = tmp_path / "checkpoint.pt"
+    atomic_write(target, lambda handle: handle.write(b"old checkpoint " * 100))
+    old = target.read_bytes()
+
+    def half_then_full(handle):
+        handle.write(b"new" * 500)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(WriteError) as caught:
+        atomic_write(target, half_then_full)
+    error = caught.value
+    assert isinstance(error, OSError) and isinstance(error, ValueError) and error.errno == errno.ENOSPC
+    assert str(error) == f"could not write {target}: No space left on device (the previous checkpoint.pt is unchanged)"
+    assert isinstance(error.__cause__, OSError) and error.__cause__.errno == errno.ENOSPC
+    assert target.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_a_new_file_that_fails_is_not_created_and_an_interrupt_passes_through(tmp_path, monkeypatch):
+    def denied(handle):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(WriteError, match=r"could not write .*new.json: Permission denied \(new.json was not created\)"):
+        atomic_write(tmp_path / "new.json", denied)
+    assert list(tmp_path.iterdir()) == []
+
+    def interrupted(handle):
+        handle.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "new.json", interrupted)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temp_files_lists_only_what_interrupted_atomic_writes_leave(tmp_path):
+    for name in (".checkpoint.pt.tmp-a1b2", ".model.safetensors.tmp-zz", "keep.tmp", ".hidden", "metrics.jsonl"):
+        (tmp_path / name).write_text("x")
+    assert [p.name for p in temp_files(tmp_path)] == [".checkpoint.pt.tmp-a1b2", ".model.safetensors.tmp-zz"]
+    assert temp_files(tmp_path / "missing") == []
+    assert atomic.TEMP_MARK == ".tmp-"

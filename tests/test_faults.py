@@ -350,6 +350,20 @@ def test_an_empty_test_split_trains_and_skips_the_final_evaluation(tmp_path, mon
     assert 0 <= metrics["image_retrieval_recall@1"] <= 1
 
 
+def test_user_csv_with_test_fraction_zero_has_no_test_split_and_trains(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    for i in range(20):
+        Image.new("RGB", (8, 8), color=(12 * i, 90, 200 - 9 * i)).save(tmp_path / "img" / f"{i}.png")
+    (tmp_path / "pairs.csv").write_text("image,text\n" + "".join(f"img/{i}.png,swatch {i}\n" for i in range(20)))
+    run = tmp_path / "run"
+    assert main(["train", "tiny", f"output_dir={run}", "data.name=csv", f"data.options.path={tmp_path / 'pairs.csv'}",
+                 "data.options.image_size=8", "data.options.test_fraction=0", "data.batch_size=5", *FAST]) == 0
+    assert "the final evaluation was skipped: no test split" in capsys.readouterr().err
+    assert json.loads((run / "eval.json").read_text())["steps"] == 4  # 20 items / 5 per batch, one epoch
+
+
 # ------------------------------------------------------------------------------ helpers
 def test_config_differences_and_the_data_fingerprint():
     saved = load_config("tiny", ["loss.options.estimator=ema"])

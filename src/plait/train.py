@@ -732,6 +732,13 @@ class Trainer:
         # a progress bar only on a terminal: in a log file or a pipe it writes thousands of \r lines
         bar = tqdm(total=total_steps, initial=self.step, disable=not (config.train.progress and sys.stderr.isatty()),
                    desc=config.name, unit="step", dynamic_ncols=True)
+        try:
+            self._loop(total_steps, bar)
+        finally:  # a fault or an interrupt leaves no half-drawn bar behind
+            bar.close()
+
+    def _loop(self, total_steps: int, bar) -> None:
+        config = self.config
         window_start, window_samples, running = time.perf_counter(), 0, []
         log_every, checkpoint_every = int(config.train.log_every), int(config.train.checkpoint_every_steps or 0)
         while self.step < total_steps:
@@ -770,7 +777,6 @@ class Trainer:
                     self.save()
             else:  # the epoch ran to its end
                 self._end_epoch()
-        bar.close()
 
     def _end_epoch(self) -> None:
         """Count a finished epoch; log the state's staleness, evaluate and checkpoint as configured

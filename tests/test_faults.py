@@ -267,6 +267,11 @@ def test_resume_truncates_metrics_and_removes_stale_temp_files(tmp_path):
     assert [r["step"] for r in records if r.get("split") == "eval"] == [6]
     assert sorted(p.name for p in run.iterdir() if ".tmp" in p.name) == ["keep.tmp"]
     assert metrics == json.loads((run / "eval.json").read_text())["metrics"]
+    # resuming the finished run drops the evaluation logged after its last checkpoint, then logs it again
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert load_checkpoint(run / "checkpoint.pt")["progress"]["metrics_lines"] == len(lines) - 1
+    assert train(_config(run, *FAST), resume=True) == metrics
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 6]
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint_and_says_so_in_one_line(tmp_path, monkeypatch, capsys):

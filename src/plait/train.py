@@ -357,6 +357,7 @@ class Trainer:
         self.skipped_steps, self.consecutive_skips = 0, 0  # train.on_nonfinite=skip
         self.last_checkpoint: tuple[Path, int] | None = None  # (path, step) of the latest save or resume
         self._resumed = False
+        self.metrics_lines = 0  # lines this run has in metrics.jsonl (a checkpoint stores it; a resume truncates to it)
         self._fingerprint = None
         self._writer = None
 
@@ -520,7 +521,7 @@ class Trainer:
             if not bool(torch.isfinite(loss.detach())):
                 cause = _degenerate_features(features, index)
                 return self._fault("non-finite loss" + (f" ({cause})" if cause else ""), index)
-            return self._fault(f"non-finite gradient (total norm {float(norm)}; loss {float(loss):.4g})", index)
+            return self._fault(f"non-finite gradient (total norm {float(norm)}; loss {float(loss.detach()):.4g})", index)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -576,7 +577,8 @@ class Trainer:
             "rng": runtime.rng_state(),
             "augment": augment,
             "progress": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                         "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips},
+                         "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                         "metrics_lines": self.metrics_lines},
             "momentum_model": self.momentum_model.state_dict() if self.momentum_model is not None else {},
             "data": self.data_fingerprint,
         }
@@ -644,7 +646,7 @@ class Trainer:
         self.load_state(state)
         self.last_checkpoint = (path, self.step)
         self._resumed = True
-        self._truncate_metrics(self.step)
+        self._truncate_metrics(self.step, state["progress"].get("metrics_lines"))
 
     def check_resumable(self, state: dict, path: Path) -> None:
         """Refuse a checkpoint made with other settings or other training data (one ValueError
@@ -673,15 +675,16 @@ class Trainer:
             raise ValueError(f"cannot resume from {path}: the training data differ from the checkpoint's ({how}); "
                              "resume with the data it was trained on, or start a new run")
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop the lines of ``metrics.jsonl`` after ``step`` (and unreadable, torn lines), atomically,
-        so a resumed run logs no step twice."""
+    def _truncate_metrics(self, step: int, count: int | None = None) -> None:
+        """Keep the lines of ``metrics.jsonl`` logged before the checkpoint (its first ``count``, when
+        the checkpoint says), without those of later steps or unreadable (torn) ones, atomically: a
+        resumed run logs no record twice."""
         path = self.run_dir / "metrics.jsonl"
         if not path.is_file():
             return
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
         keep = []
-        for line in lines:
+        for line in lines[:count] if isinstance(count, int) and 0 <= count <= len(lines) else lines:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
@@ -691,12 +694,14 @@ class Trainer:
             keep.append(line if line.endswith("\n") else line + "\n")
         if keep != lines:
             atomic_write_text(path, "".join(keep))
+        self.metrics_lines = len(keep)
 
     # ------------------------------------------------------------------------------ logging
     def log(self, record: dict) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        self.metrics_lines += 1
         if self.config.train.tensorboard:
             if self._writer is None:
                 from torch.utils.tensorboard import SummaryWriter

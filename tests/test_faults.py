@@ -189,6 +189,9 @@ def test_a_new_run_refuses_an_output_dir_holding_a_run_unless_overwrite(tmp_path
     assert [r.get("split") for r in _records(run)].count("eval") == 1
     assert (run / "notes.txt").read_text() == "mine" and not (run / "tensorboard").exists()
     assert (run / "eval.json").read_bytes() != first["eval.json"]
+    # `--resume key=value`: argparse hands the override to --resume; it is still an override
+    assert main([*args, "optim.lr=0.01", "--resume", "train.log_every=3"]) == 0
+    assert [r.get("split") for r in _records(run)].count("eval") == 1
 
 
 # ------------------------------------------------------------------------------ resume checks

@@ -38,9 +38,11 @@ def _train(args: argparse.Namespace) -> int:
     from plait.evaluate.report import write_report
     from plait.train import train
 
-    config = load_config(args.config, args.overrides)
-    metrics = train(config, resume=args.resume if args.resume is not None else False, overwrite=args.overwrite,
-                    allow_import=args.allow_import)
+    resume, overrides = (args.resume if args.resume is not None else False), list(args.overrides)
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():  # `--resume key=value`: an override, not a path
+        resume, overrides = True, [*overrides, resume]
+    config = load_config(args.config, overrides)
+    metrics = train(config, resume=resume, overwrite=args.overwrite, allow_import=args.allow_import)
     report = write_report(config.output_dir)
     print(json.dumps(metrics, indent=1))
     print(f"wrote {config.output_dir} (report: {report})")

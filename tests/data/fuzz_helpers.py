@@ -59,3 +59,59 @@ def reference_pixels(data: bytes) -> np.ndarray:
     """What an intact RGB file decodes to, straight from PIL (for the lossy formats)."""
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image.convert("RGB"))
+
+
+# --- a pool of small image files with the pixels they must decode to ------------------------------
+
+SIDE = 6  # every pool image is SIDE x SIDE, loaded at image_size=SIDE: no resizing, exact pixels
+
+
+def _palette_png(rng, transparent: bool) -> tuple[bytes, np.ndarray]:
+    palette = rng.integers(0, 256, (8, 3), dtype=np.uint8)
+    index = rng.integers(0, 8, (SIDE, SIDE), dtype=np.uint8)
+    image = Image.fromarray(index, "P")
+    image.putpalette(palette.tobytes())
+    buffer = io.BytesIO()
+    if transparent:
+        alpha = rng.integers(0, 256, 8, dtype=np.uint8)
+        image.save(buffer, "PNG", transparency=alpha.tobytes())
+        return buffer.getvalue(), composite(palette[index], alpha[index])
+    image.save(buffer, "PNG")
+    return buffer.getvalue(), palette[index]
+
+
+def _good_images() -> dict[str, tuple[str, bytes, np.ndarray]]:
+    """name -> (file extension, bytes, expected (SIDE, SIDE, 3) uint8)."""
+    rng = np.random.default_rng(2024)
+    pool = {}
+    for ext in ("png", "bmp", "jpg", "jpeg", "webp"):
+        pixels = rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+        data = encode(pixels, ext)
+        pool[f"rgb-{ext}"] = (ext, data, pixels if ext in LOSSLESS else reference_pixels(data))
+    grey16 = rng.integers(0, 65536, (SIDE, SIDE), dtype=np.uint16)
+    pool["grey16-png"] = ("png", png_bytes(grey16, 16), grey16_to_8(grey16))
+    rgb16 = rng.integers(0, 65536, (SIDE, SIDE, 3), dtype=np.uint16)
+    pool["rgb16-png"] = ("png", png_bytes(rgb16, 16), (rgb16 >> 8).astype(np.uint8))
+    rgba = rng.integers(0, 256, (SIDE, SIDE, 4), dtype=np.uint8)
+    pool["rgba-png"] = ("png", png_bytes(rgba), composite(rgba[..., :3], rgba[..., 3]))
+    la = rng.integers(0, 256, (SIDE, SIDE, 2), dtype=np.uint8)
+    pool["la-png"] = ("png", png_bytes(la), composite(np.repeat(la[..., :1], 3, axis=2), la[..., 1]))
+    for transparent in (False, True):
+        data, expected = _palette_png(rng, transparent)
+        pool[f"palette{'-alpha' if transparent else ''}-png"] = ("png", data, expected)
+    pixels = rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+    pool["png-named-jpg"] = ("jpg", encode(pixels, "png"), pixels)  # decoded by content
+    pool["bmp-named-png"] = ("png", encode(pixels, "bmp"), pixels)
+    return pool
+
+
+GOOD_IMAGES = _good_images()
+GOOD_NAMES = sorted(GOOD_IMAGES)
+# Intact files of each format to cut short: a cut at or before len - TAIL always removes pixel data
+TRUNCATABLE = {ext: encode(np.random.default_rng(7).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8), ext)
+               for ext in ("png", "jpg", "webp", "bmp")}
+TAIL = 24
+
+
+def truncated_cut_is_always_bad(ext: str, cut: int) -> bool:
+    return cut <= len(TRUNCATABLE[ext]) - TAIL

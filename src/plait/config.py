@@ -286,6 +286,6 @@ def check_components(config: DictConfig, source: str = "config", allow_import: b
         check(f"model.{side}.name", name, list(ENCODERS))
 
 
-def from_yaml(text: str, source: str = "stored config") -> DictConfig:
+def from_yaml(text: str, source: str = "stored config", allow_import: bool = False) -> DictConfig:
     """Alias of :func:`load_stored_config` (every YAML that plait reads back is a stored config)."""
-    return load_stored_config(text, source)
+    return load_stored_config(text, source, allow_import)

@@ -302,6 +302,7 @@ class Trainer:
         from plait.data import build_dataset
         from plait.models import build_model, input_spec
 
+        self.allow_import = allow_import
         self.config = config
         self.run_dir = Path(run_dir or config.output_dir)  # nothing is written into it before fit()
         check_settings(config)
@@ -652,7 +653,7 @@ class Trainer:
         """Refuse a checkpoint made with other settings or other training data (one ValueError
         naming every differing key with both values)."""
         try:
-            saved = from_yaml(state.get("config"))
+            saved = from_yaml(state.get("config"), source=str(path), allow_import=self.allow_import)
         except ValueError as error:
             raise ValueError(f"cannot resume from {path}: {error}") from None
         changes = [f"{key}: {_show(old)} in the checkpoint, {_show(new)} now"

@@ -254,3 +254,7 @@ def test_allow_import_is_a_command_line_opt_in(tmp_path, capsys):
     code, err = _eval_cli(capsys, run / "model.safetensors")
     assert code == 2 and "is an import path" in _one_line(err)
     assert main(["eval", str(run / "model.safetensors"), "--allow-import"]) == 0
+    # resuming reads the checkpoint's config: the same opt-in, from the command line only
+    assert main([*args, "--resume", "optim.max_steps=8"]) == 2
+    assert "is an import path" in capsys.readouterr().err
+    assert main([*args, "--resume", "--allow-import", "optim.max_steps=8"]) == 0

@@ -41,9 +41,8 @@ def run_training(job: tuple[str, tuple[str, ...], dict], reuse: bool = False, th
     run_dir = Path(config.output_dir)
     if reuse and (metrics := finished_metrics(run_dir, to_yaml(config))) is not None:
         return {**tags, "run_dir": str(run_dir), "metrics": metrics, "seconds": 0.0, "reused": True}
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     start = time.perf_counter()
-    metrics = train(config)
+    metrics = train(config, overwrite=True)  # a changed config retrains from scratch
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     return {**tags, "run_dir": str(run_dir), "metrics": metrics, "seconds": time.perf_counter() - start}
 

@@ -29,7 +29,8 @@ Caching. Decoding is the slow part of loading a dataset, so results are kept:
 - per image, as ``images/<S>/<kk>/<key>.npy``, key = blake2b(CACHE_VERSION, Pillow's version,
   S, the file's bytes): the content, not its path, size or mtime, so a file rewritten in place
   (even with its mtime restored) is decoded again, and identical files share one entry. Hashing
-  reads every file on every load (about 0.1 s per 3,000 small PNGs held in the OS file cache);
+  reads every file on every load: 36 ms for 3,000 PNGs of 3 KB in the OS file cache, against
+  15 ms for a key of size and mtime (a warm load of them takes 45 ms instead of 24 ms);
 - per list of images (one dataset), as ``bundles/<key>.npz`` holding all arrays and the decode
   error of each image (empty string when it decoded), key = sha256 of the image keys;
 - the last few bundles in memory, so building a second split in the same process is free.
@@ -190,9 +191,11 @@ def _image_key(path: Path, image_size: int) -> tuple[str | None, str]:
     if problem:
         return None, problem
     prefix = f"{CACHE_VERSION}|{PIL.__version__}|{image_size}|".encode()
+    digest = hashlib.blake2b(prefix, digest_size=20)
     try:
         with open(path, "rb") as handle:
-            digest = hashlib.file_digest(handle, lambda: hashlib.blake2b(prefix, digest_size=20))
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
     except OSError as exc:
         return None, f"cannot read image file {path}: {exc.strerror or exc}"
     return digest.hexdigest(), ""

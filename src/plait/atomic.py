@@ -79,3 +79,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def save_figure(figure, path: str | Path, dpi: int = 110) -> Path:
+    """A matplotlib figure written atomically, in the format of ``path``'s suffix."""
+    path = Path(path)
+    return atomic_write(path, lambda handle: figure.savefig(handle, format=path.suffix.lstrip(".") or "png", dpi=dpi))

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from matplotlib.figure import Figure
 
 from plait.evaluate import compare_runs, write_report
+from plait.evaluate import report as report_module
 from plait.evaluate.report import eval_series, read_gallery, read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -177,14 +177,14 @@ def test_evaluation_curves_against_epoch_in_percent(tmp_path, monkeypatch):
     assert curves == {"text_retrieval_recall@1": {1: 0.25, 2: 0.5, 3: 0.75}, "lp_acc1": {1: 0.5, 2: 0.625, 3: 0.875}}
 
     drawn = {}
-    save = Figure.savefig
+    save = report_module.save_figure
 
     def spy(figure, path, *args, **kwargs):
         drawn[Path(path).name] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
                                   for ax in figure.axes for line in ax.get_lines()}
         return save(figure, path, *args, **kwargs)
 
-    monkeypatch.setattr(Figure, "savefig", spy)
+    monkeypatch.setattr(report_module, "save_figure", spy)
     text = write_report(run).read_text()
     assert "](eval.png)" in text and (run / "eval.png").read_bytes()[:8] == PNG
     assert "3 evaluations on the test split, at epoch 1, 2, 3;" in text
@@ -204,14 +204,14 @@ def test_staleness_panel_and_unknown_splits(tmp_path, monkeypatch):
     assert len(train) == 30 and evals == []
 
     drawn = {}
-    save = Figure.savefig
+    save = report_module.save_figure
 
     def spy(figure, path, *args, **kwargs):
         drawn[Path(path).name] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
                                   for ax in figure.axes for line in ax.get_lines()}
         return save(figure, path, *args, **kwargs)
 
-    monkeypatch.setattr(Figure, "savefig", spy)
+    monkeypatch.setattr(report_module, "save_figure", spy)
     text = write_report(run).read_text()
     assert "## Staleness" in text and "](staleness.png)" in text and (run / "staleness.png").read_bytes()[:8] == PNG
     assert drawn["staleness.png"] == {"staleness_log_error": ([1, 2, 3], [-0.25, -0.5, -0.75]),

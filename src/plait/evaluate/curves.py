@@ -13,6 +13,8 @@ import statistics
 import warnings
 from pathlib import Path
 
+from plait.atomic import save_figure
+
 X_KEYS = ("epoch", "step")
 
 
@@ -132,7 +134,7 @@ def plot_metric_curves(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path, dpi=110)
     return curves
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from plait.atomic import atomic_write_text
 from plait.evaluate.curves import is_number as _is_number
 from plait.evaluate.curves import integer_ticks, read_records, series
+from plait.atomic import save_figure
 
 IDENTITY_FIELDS = ("name", "loss", "batch_size")
 _NOT_METRICS = {"step", "epoch", "split", "lr", "samples_per_s", "time", "wall_time", "elapsed_s"}
@@ -173,7 +174,7 @@ def plot_loss(train: list[dict], evals: list[dict], path: Path) -> Path | None:
     ax.set_title("loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path, dpi=110)
     return path
 
 
@@ -212,7 +213,7 @@ def plot_eval_curves(evals: list[dict], path: Path) -> Path | None:
     ax.set_title("evaluation during training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=2 if len(curves) > 20 else 1)
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path, dpi=110)
     return path
 
 
@@ -234,7 +235,7 @@ def plot_staleness(records: list[dict], path: Path) -> Path | None:
     ax.set_title("staleness")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path, dpi=110)
     return path
 
 
@@ -289,7 +290,7 @@ def plot_gallery(gallery: dict, path: Path, max_items: int = 16) -> Path | None:
                 0.0, 0.5 / lines, f"truth: {truth}", va="center", fontsize=9, color="firebrick", style="italic",
                 transform=text_ax.transAxes,
             )
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path, dpi=100)
     return path
 
 

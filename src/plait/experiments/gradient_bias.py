@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from plait.losses import GammaContrastiveLoss, InfoNCELoss, SogCLRLoss, generalized_contrastive_loss
+from plait.atomic import save_figure
 
 # name -> (loss class name, options). Every gamma variant uses the loss's defaults unless named.
 # E1 studies the estimators as the paper states them: the anchor-side gradient over the table
@@ -317,5 +318,5 @@ def plot_curves(result: dict, path: Path) -> None:
     axes[0][0].set_ylabel("kappa / kappa_inf (Polyak average of the second half)")
     fig.suptitle("E1 gradient bias. Dashed: the optimum; dotted: minibatch InfoNCE's own optimum; grey: [0.97, 1.03]")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from plait.experiments._runs import run_many
+from plait.atomic import save_figure
 
 PRIVATE_BITS = (0, 1, 2, 3)
 LABEL_BITS = 4
@@ -200,5 +201,5 @@ def plot_gap(result: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from plait.experiments._runs import run_many
 from plait.losses.regularizers import DEFAULT_WEIGHTS
+from plait.atomic import save_figure
 
 VARIANTS = {
     "none": [],
@@ -137,7 +138,7 @@ def plot_regularizers(result: dict, path: Path) -> None:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"E4: regularisers on each base loss (mean +- std over {result['seeds']} seeds)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

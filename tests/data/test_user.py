@@ -381,6 +381,8 @@ def test_folder_symlinks_loops_and_pipes(tmp_path):
     png(folder / "sub" / "deep.png", (1, 1, 1))
     (folder / "sub" / "deep.txt").write_text("deep")
     (folder / "sub" / "parent").symlink_to("..")  # a loop if followed
+    png(folder / "selfcap.png", (2, 2, 2))
+    (folder / "selfcap.txt").symlink_to("selfcap.txt")
     for recursive in (False, True):
         ds = FolderPairDataset(folder, image_size=4, bad_rows="skip", recursive=recursive)
         assert ds.rows == ["0.png", "1.png", "3.jpg"] + (["sub/deep.png"] if recursive else [])
@@ -391,6 +393,7 @@ def test_folder_symlinks_loops_and_pipes(tmp_path):
             "dangling.png": f"image file not found: {folder / 'dangling.png'} (a dangling symlink?)",
             "pipe.png": f"image path is not a file: {folder / 'pipe.png'}",
             "self.png": f"image path is a symlink loop: {folder / 'self.png'}",
+            "selfcap.png": "caption file selfcap.txt is a symlink loop",
         }
 
 
@@ -436,3 +439,14 @@ def test_test_path_table_and_consistent_class_ids(tmp_path, images):
         CsvPairDataset(train_csv, test_path=test_jsonl, test_fraction=0.2)
     with pytest.raises(ValueError, match="data file not found"):
         CsvPairDataset(train_csv, test_path=tmp_path / "nope.csv")
+
+
+def test_undecodable_file_names_are_shown_escaped(tmp_path):
+    folder = folder_with(tmp_path)
+    Image.new("RGB", (4, 4)).save(os.fsencode(folder) + b"/caf\xe9.png")  # a name that is not UTF-8
+    with pytest.raises(ValueError, match=re.escape("image caf\\xe9.png: caption file caf\\xe9.txt not found")):
+        FolderPairDataset(folder)
+    ds = FolderPairDataset(folder, bad_rows="skip", image_size=4)
+    assert ds.skipped == [{"row": "caf\\xe9.png", "source": str(folder), "reason": "caption file caf\\xe9.txt not found"}]
+    report = json.loads(ds.write_skipped(tmp_path / "run").read_text(encoding="utf-8"))
+    assert report["skipped"][0]["row"] == "caf\\xe9.png"

@@ -28,7 +28,8 @@ image or caption file that is a symlink to outside the folder is a bad row too. 
 files are opened (a FIFO or device is a bad row, never a hang); a dangling symlink or a symlink
 loop named like an image is a bad row with its reason; ``recursive=True`` does not enter
 symlinked subfolders, so a symlink to a parent cannot loop. Images are decoded by content,
-whatever their extension (see :mod:`plait.data.cache`).
+whatever their extension (see :mod:`plait.data.cache`). A file name that is not UTF-8 is shown
+with ``\\x`` escapes in messages and ``skipped`` ("caf\\xe9.png").
 
 Every row is checked and its image decoded (into the cache, :mod:`plait.data.cache`) when the
 dataset is built, so a bad row stops the run before training, not in epoch 3. A row is bad when
@@ -137,6 +138,11 @@ def _value_problem(value: str, column: str) -> str:
     return f"column {column!r} contains an unpaired surrogate \\u{ord(found.group()):04x} (not valid Unicode)"
 
 
+def printable(text: str) -> str:
+    """``text`` with the undecodable bytes of a file name (lone surrogates) shown as ``\\xe9``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _inside(path: Path, base: str) -> bool:
     """Whether ``path``, with ``..`` and symlinks resolved, is ``base`` or below it."""
     resolved = os.path.realpath(path)
@@ -180,7 +186,11 @@ class _Table:
 
     @property
     def skipped(self) -> list[dict]:
-        return [{"row": r.row, "source": str(self.source), "reason": r.error} for r in self.rows if r.error]
+        def shown(row):
+            return printable(row) if isinstance(row, str) else row
+
+        source = printable(str(self.source))
+        return [{"row": shown(r.row), "source": source, "reason": printable(r.error)} for r in self.rows if r.error]
 
 
 def _caption_parts(value, column: str) -> tuple[str, list[str], str]:
@@ -219,7 +229,8 @@ class _UserDataset(ImagePairDataset):
         bad = [r for r in rows if r.error]
         if bad and bad_rows == "error":
             more = f" ({len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
-            raise ValueError(f"{table.source}: {bad[0].where}: {bad[0].error}{more}; pass bad_rows='skip' to skip bad rows")
+            message = f"{table.source}: {bad[0].where}: {bad[0].error}{more}; pass bad_rows='skip' to skip bad rows"
+            raise ValueError(printable(message))
         table.good = [n for n, r in enumerate(rows) if not r.error]
         if not table.good:
             raise ValueError(f"{table.source}: no usable rows ({len(rows)} rows, {len(bad)} bad)")

@@ -1,10 +1,13 @@
 """The ``plait`` command line.
 
-    plait train CONFIG [key=value ...] [--resume [CHECKPOINT]]
-    plait eval WEIGHTS_OR_CHECKPOINT [--data NAME] [--out DIR] [key=value ...]
+    plait train CONFIG [key=value ...] [--resume [CHECKPOINT] | --overwrite] [--allow-import]
+    plait eval WEIGHTS_OR_CHECKPOINT [--data NAME] [--out DIR] [--allow-import] [key=value ...]
     plait report RUN_DIR [--html]
     plait data build NAME --out DIR [--image-size N] [--limit N]
     plait experiment {gradient-bias, small-batch, batch-sweep, gamma-ablation, information-gap, regularizers} [options]
+
+Exit codes: 0 done; 2 bad input (config, data, files, command line), said in one line on stderr;
+1 a bug in plait (its traceback, then one line saying so).
 """
 
 from __future__ import annotations

@@ -231,3 +231,49 @@ def test_validation_split_step_budget_staleness_records_and_exact_from_a_config(
     assert int(loss.bank_step) == 12 and bool(loss.in_bank.all())  # refreshed before the last step
     with pytest.raises(ValueError, match="eval.split=validation needs data.validation_fraction"):
         Trainer(_config(tmp_path / "y", "eval.split=validation"))
+
+
+def test_a_run_killed_between_log_lines_logs_the_same_losses_after_resume(tmp_path):
+    """The window of losses since the last log line is in the checkpoint: a run interrupted at
+    step 3 (log every 2) and resumed logs at step 4 the mean of steps 3 and 4, as a straight run."""
+    common = ["loss.name=gamma", "train.log_every=2", "train.checkpoint_every_steps=3", "optim.max_steps=7"]
+    straight = Trainer(_config(tmp_path / "a", *common))
+    straight.train_until(7)
+    first = Trainer(_config(tmp_path / "b", *common))
+    save = first.save
+
+    def save_then_die():
+        path = save()
+        if first.step == 3:
+            raise KeyboardInterrupt  # killed right after the checkpoint of step 3
+        return path
+
+    first.save = save_then_die
+    with pytest.raises(KeyboardInterrupt):
+        first.train_until(7)
+    resumed = Trainer(_config(tmp_path / "b", *common))
+    resumed.resume()
+    resumed.train_until(7)
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    assert losses(tmp_path / "b") == losses(tmp_path / "a") and [s for s, _ in losses(tmp_path / "a")] == [2, 4, 6, 7]
+
+
+def test_trainers_of_one_config_start_from_the_same_python_random_state(tmp_path):
+    """A reader's lazy imports may draw from Python's RNG (digits: sklearn -> rich); the trainer
+    reseeds it after building the data. A fresh interpreter, where those imports happen first."""
+    import subprocess
+    import sys
+
+    code = (
+        "import random; from plait.config import load_config; from plait.train import Trainer\n"
+        "states = []\n"
+        "for run in 'ab':\n"
+        f"    Trainer(load_config('tiny', [f'output_dir={tmp_path}/{{run}}'])); states.append(random.getstate())\n"
+        "print(states[0] == states[1])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.stdout.strip() == "True", result.stderr[-2000:]

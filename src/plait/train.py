@@ -21,6 +21,7 @@ import copy
 import inspect
 import json
 import math
+import random
 import sys
 import time
 import warnings
@@ -313,6 +314,9 @@ class Trainer:
         options = OmegaConf.to_container(config.data.options, resolve=True) or {}
         self.train_set = build_dataset(config.data.name, split="train", **options)
         self.test_set = build_dataset(config.data.name, split="test", **options)
+        # a library imported lazily by a reader may draw from Python's RNG (sklearn -> rich does):
+        # reseed it, so every trainer of a config starts from the same state, first in a process or not
+        random.seed(config.seed)
         self._write_skipped = getattr(self.train_set, "write_skipped", None)  # skipped_rows.json, at fit()
         self.validation_set = None
         if config.data.validation_fraction:
@@ -356,6 +360,8 @@ class Trainer:
         self._skip_nonfinite = config.train.on_nonfinite == "skip"
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.skipped_steps, self.consecutive_skips = 0, 0  # train.on_nonfinite=skip
+        self._window_losses: list[torch.Tensor] = []  # losses of the steps since the last log line
+        self._window_samples = 0
         self.last_checkpoint: tuple[Path, int] | None = None  # (path, step) of the latest save or resume
         self._resumed = False
         self.metrics_lines = 0  # lines this run has in metrics.jsonl (a checkpoint stores it; a resume truncates to it)
@@ -579,7 +585,9 @@ class Trainer:
             "augment": augment,
             "progress": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                          "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
-                         "metrics_lines": self.metrics_lines},
+                         "metrics_lines": self.metrics_lines,
+                         # the steps since the last log line: a resumed run logs the same mean loss
+                         "window_losses": [float(x) for x in self._window_losses], "window_samples": self._window_samples},
             "momentum_model": self.momentum_model.state_dict() if self.momentum_model is not None else {},
             "data": self.data_fingerprint,
         }
@@ -615,6 +623,8 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
         self.skipped_steps = progress.get("skipped_steps", 0)
         self.consecutive_skips = progress.get("consecutive_skips", 0)
+        self._window_losses[:] = [torch.tensor(x, dtype=torch.float32) for x in progress.get("window_losses", [])]
+        self._window_samples = int(progress.get("window_samples", 0))
 
     def _check_finite(self, target: Path) -> None:
         """Refuse to write ``target`` from a model with a non-finite parameter or buffer."""
@@ -745,7 +755,7 @@ class Trainer:
 
     def _loop(self, total_steps: int, bar) -> None:
         config = self.config
-        window_start, window_samples, running = time.perf_counter(), 0, []
+        window_start, running = time.perf_counter(), self._window_losses  # the window survives a resume
         log_every, checkpoint_every = int(config.train.log_every), int(config.train.checkpoint_every_steps or 0)
         while self.step < total_steps:
             self.sampler.set_position(self.epoch, self.batch_in_epoch * config.data.batch_size)
@@ -753,7 +763,7 @@ class Trainer:
                 loss = self.train_step(index, a, b)
                 self.step += 1
                 self.batch_in_epoch += 1
-                window_samples += len(index)
+                self._window_samples += len(index)
                 if loss is not None:
                     running.append(loss)
                 bar.update()
@@ -763,7 +773,7 @@ class Trainer:
                         "step": self.step, "epoch": self.epoch,
                         "loss": torch.stack(running).mean().item() if running else None,  # None: every step skipped
                         "lr": self.scheduler.get_last_lr()[0], "logit_scale": self.model.scale().item(),
-                        "samples_per_s": window_samples / max(elapsed, 1e-9),
+                        "samples_per_s": self._window_samples / max(elapsed, 1e-9),
                     }
                     if self._skip_nonfinite:
                         record["skipped_steps"] = self.skipped_steps
@@ -772,7 +782,8 @@ class Trainer:
                     self.log(record)
                     if running:
                         bar.set_postfix(loss=f"{record['loss']:.3f}", samples_per_s=f"{record['samples_per_s']:.0f}")
-                    window_start, window_samples, running = time.perf_counter(), 0, []
+                    window_start, self._window_samples = time.perf_counter(), 0
+                    running.clear()
                 if self.step >= total_steps:
                     if self.batch_in_epoch == self.steps_per_epoch:  # the last step closed an epoch
                         self._end_epoch()

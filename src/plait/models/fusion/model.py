@@ -1,0 +1,351 @@
+"""ALBEF-style fusion model (Li et al., "Align before Fuse", NeurIPS 2021) with its pre-training
+losses computed inside: ITC (momentum encoders, queue, momentum distillation), ITM (hard
+negatives drawn from ITC's similarities) and MLM (tied decoder). docs/fusion.md has the data flow.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from plait._checks import integer_vector
+from plait.models.fusion.encoders import MINILM, FusionEncoder, ImageTokenEncoder, TextEncoder, check_minilm_shape, init_from_minilm
+from plait.models.fusion.layers import MLMHead, init_bert_
+from plait.models.fusion.objectives import IGNORE, mask_tokens, momentum_itc_loss, same_caption, sample_hard_negatives
+from plait.models.fusion.queue import FeatureQueue
+from plait.models.text import WordPieceTokenizer
+from plait.models.two_tower import MAX_LOGIT_SCALE
+
+LOSS_TERMS = ("itc", "itm", "mlm")
+INITS = ("random", "minilm")
+
+PRESETS: dict[str, dict] = {
+    # 2 CPU cores, minutes: ~0.5 M parameters besides the 30,522 x 64 word embeddings
+    "tiny": dict(image_size=32, patch=8, vision_width=64, vision_layers=2, vision_heads=4, width=64, heads=4,
+                 text_layers=2, fusion_layers=2, embed_dim=64, queue_size=1024, max_length=32),
+    "small": dict(image_size=32, patch=4, vision_width=128, vision_layers=4, vision_heads=4, width=128, heads=4,
+                  text_layers=2, fusion_layers=2, embed_dim=128, queue_size=1024, max_length=32),
+    # MiniLM's width: its first 3 layers as the text encoder, its last 3 as the fusion layers
+    "minilm": dict(image_size=32, patch=4, vision_width=192, vision_layers=4, vision_heads=6, width=384, heads=12,
+                   text_layers=3, fusion_layers=3, embed_dim=256, queue_size=4096, max_length=32, init="minilm"),
+    "base": dict(image_size=64, patch=8, vision_width=384, vision_layers=8, vision_heads=6, width=384, heads=12,
+                 text_layers=3, fusion_layers=3, embed_dim=256, queue_size=16384, max_length=40, init="minilm"),
+}
+
+
+class FusionModel(nn.Module):
+    """Image encoder (ViT tokens), text encoder (BERT's first layers), fusion encoder (BERT's later
+    layers with cross-attention to the image tokens), and ALBEF's three pre-training losses.
+
+    Features: z_image = normalize(W_v v_cls), z_text = normalize(W_t t_cls), (B, embed_dim);
+    scale = exp(logit_scale) clamped at 100 (temperature >= 0.01). Momentum copies (EMA,
+    ``momentum``) of the image encoder, text encoder and both projections (with ``mlm_distill``
+    also of the fusion encoder and MLM head) live in ``momentum_models``, out of the optimizer
+    (requires_grad False). ``queue`` holds ``queue_size`` momentum features with their dataset
+    indices. ``steps`` counts training calls of ``pretrain_step``: it drives alpha's warm-up and,
+    without a generator passed in, seeds the step's random draws, so a resumed run draws the same.
+
+    ``init="minilm"``: embeddings, text layers and the fusion layers' self-attention and MLP from
+    all-MiniLM-L6-v2 (its first ``text_layers`` layers, then the next ``fusion_layers``); needs
+    width 384, heads 12, text_layers + fusion_layers <= 6. ``init="random"``: BERT's init, any width.
+    """
+
+    def __init__(self, image_size: int = 32, patch: int = 8, vision_width: int = 64, vision_layers: int = 2,
+                 vision_heads: int = 4, width: int = 64, heads: int = 4, text_layers: int = 2, fusion_layers: int = 2,
+                 intermediate: int | None = None, max_length: int = 32, embed_dim: int = 64, init: str = "random",
+                 queue_size: int = 1024, momentum: float = 0.995, alpha: float = 0.4, alpha_warmup_steps: int = 0,
+                 init_temperature: float = 0.07, learn_temperature: bool = True, mlm_probability: float = 0.15,
+                 mlm_distill: bool = True, itc_weight: float = 1.0, itm_weight: float = 1.0, mlm_weight: float = 1.0,
+                 dropout: float = 0.0, independent: bool = False, seed: int = 0):
+        super().__init__()
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if not (isinstance(alpha_warmup_steps, int) and alpha_warmup_steps >= 0):
+            raise ValueError(f"alpha_warmup_steps must be a non-negative integer, got {alpha_warmup_steps!r}")
+        if not init_temperature > 0:
+            raise ValueError(f"init_temperature must be positive, got {init_temperature}")
+        if text_layers < 1 or fusion_layers < 1:
+            raise ValueError(f"text_layers and fusion_layers must be >= 1, got {text_layers}, {fusion_layers}")
+        intermediate = intermediate or 4 * width
+        if init == "minilm":
+            check_minilm_shape(width, heads, intermediate, text_layers + fusion_layers, max_length)
+        self.tokenizer = WordPieceTokenizer(max_length)
+        self.vocab_size = self.tokenizer.vocab_size
+        self.image_encoder = ImageTokenEncoder(image_size, patch, vision_width, vision_layers, vision_heads, dropout)
+        self.text_encoder = TextEncoder(self.vocab_size, width, text_layers, heads, intermediate, max_length, dropout)
+        self.fusion = FusionEncoder(width, vision_width, fusion_layers, heads, intermediate, dropout)
+        if init == "minilm":
+            init_from_minilm(self.text_encoder, self.fusion)
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(width, embed_dim)
+        self.vision_ind = nn.Linear(vision_width, embed_dim) if independent else None
+        self.text_ind = nn.Linear(width, embed_dim) if independent else None
+        self.itm_head = nn.Linear(width, 2)
+        self.mlm_head = MLMHead(width, self.vocab_size)
+        init_bert_(nn.ModuleList([m for m in (self.vision_proj, self.text_proj, self.vision_ind, self.text_ind,
+                                              self.itm_head, self.mlm_head) if m is not None]))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learn_temperature)
+        self.momentum_names = ["image_encoder", "vision_proj", "text_encoder", "text_proj"]
+        self.momentum_names += ["vision_ind", "text_ind"] if independent else []
+        self.momentum_names += ["fusion", "mlm_head"] if mlm_distill else []
+        self.momentum_models = nn.ModuleDict({name: copy.deepcopy(getattr(self, name)) for name in self.momentum_names})
+        self.momentum_models.requires_grad_(False)
+        self.queue = FeatureQueue(queue_size, embed_dim)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.momentum, self.alpha, self.alpha_warmup_steps = float(momentum), float(alpha), alpha_warmup_steps
+        self.mlm_probability, self.mlm_distill = float(mlm_probability), bool(mlm_distill)
+        self.weights = {"itc": float(itc_weight), "itm": float(itm_weight), "mlm": float(mlm_weight)}
+        self.embed_dim, self.width, self.independent, self.seed = embed_dim, width, independent, int(seed)
+        self.image_size = image_size
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> FusionModel:
+        """A model of a named size (``PRESETS``: tiny, small, minilm, base) with options overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown fusion preset {name!r}; valid: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    # ------------------------------------------------------------------------------ modes, state
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.momentum_models.eval()  # momentum targets never see dropout
+        return self
+
+    def scale(self) -> Tensor:
+        """exp of the learnable log-scale, clamped at 100: 1 / temperature."""
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    def alpha_at(self, step: int) -> float:
+        """The distillation weight at ``step``: alpha * min(1, step / alpha_warmup_steps) (ALBEF ramps
+        it over the first epoch); alpha itself without warm-up."""
+        if self.alpha_warmup_steps == 0:
+            return self.alpha
+        return self.alpha * min(1.0, step / self.alpha_warmup_steps)
+
+    def step_generator(self, step: int | None = None) -> torch.Generator:
+        """The CPU generator of a step's draws (masking, hard negatives), seeded by (seed, step)."""
+        step = int(self.steps) if step is None else step
+        return torch.Generator().manual_seed((self.seed << 32) + step)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """theta_m <- m theta_m + (1 - m) theta for every momentum copy; call after the optimizer step."""
+        for name in self.momentum_names:
+            online, slow = getattr(self, name), self.momentum_models[name]
+            for p_slow, p in zip(slow.parameters(), online.parameters()):
+                p_slow.mul_(self.momentum).add_(p.detach(), alpha=1.0 - self.momentum)
+            for b_slow, b in zip(slow.buffers(), online.buffers()):
+                b_slow.copy_(b)
+
+    # ------------------------------------------------------------------------------ encoders
+    def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """(ids (B, T), mask (B, T) bool) on the CPU, padded to the batch's longest caption."""
+        return self.tokenizer(texts, "cpu")
+
+    def _device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def embed_image(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(z_image (B, E), independent z^i_image or None) from the class token."""
+        cls = self.image_encoder(images)[:, 0]
+        ind = F.normalize(self.vision_ind(cls), dim=-1) if self.independent else None
+        return F.normalize(self.vision_proj(cls), dim=-1), ind
+
+    def embed_text(self, texts: list[str]) -> tuple[Tensor, Tensor | None]:
+        ids, mask = self.tokenize(texts)
+        cls = self.text_encoder(ids.to(self._device()), mask.to(self._device()))[:, 0]
+        ind = F.normalize(self.text_ind(cls), dim=-1) if self.independent else None
+        return F.normalize(self.text_proj(cls), dim=-1), ind
+
+    def encode_image(self, images: Tensor, features: str = "shared") -> Tensor:
+        """Normalised (B, embed_dim) image features for retrieval (``features``: shared,
+        independent or both, the last two with ``independent=True``)."""
+        return _select(*self.embed_image(images), features)
+
+    def encode_text(self, texts: list[str], features: str = "shared") -> Tensor:
+        return _select(*self.embed_text(texts), features)
+
+    encode_a, encode_b = encode_image, encode_text  # the two-tower names the evaluation suite calls
+
+    def forward(self, images: Tensor, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """(z_image, z_text, scale): the ITC features, as ``TwoTower.forward`` returns them."""
+        return self.encode_image(images), self.encode_text(texts), self.scale()
+
+    def fuse(self, images: Tensor, texts: list[str]) -> Tensor:
+        """The fused [CLS] state (B, width) of each (image, text) pair."""
+        ids, mask = self.tokenize(texts)
+        ids, mask = ids.to(self._device()), mask.to(self._device())
+        return self.fusion(self.text_encoder(ids, mask), mask, self.image_encoder(images))[:, 0]
+
+    def match_logits(self, images: Tensor, texts: list[str]) -> Tensor:
+        """ITM logits (B, 2) of each pair (column 1: matched); ALBEF re-ranks retrieval with them."""
+        return self.itm_head(self.fuse(images, texts))
+
+    # ------------------------------------------------------------------------------ pre-training
+    def pretrain_step(self, images: Tensor, texts: list[str], index: Tensor, *, itc_loss: nn.Module | None = None,
+                      generator: torch.Generator | None = None, alpha: float | None = None,
+                      return_features: bool = False):
+        """One batch of ALBEF pre-training: {"loss", "itc", "itm", "mlm", stats...} (scalars).
+
+        images (B, 3, S, S); texts B strings; index (B,) dataset indices (>= 0, for the queue's
+        positives, the plugged losses' state and the same-item exclusion of hard negatives).
+
+        - ``loss`` = itc_weight * itc + itm_weight * itm + mlm_weight * mlm; the trainer backprops it.
+        - ``itc``: ``itc_loss=None`` is ``momentum_itc_loss`` over [batch; queue] (alpha from the
+          warm-up unless ``alpha`` is given), and the batch's momentum features are then enqueued
+          (training mode). A ``ContrastiveObjective`` is called with the ``PairFeatures`` (a=z_image,
+          b=z_text, a_aug / b_aug = the momentum features); any other loss module as
+          ``itc_loss(z_image, z_text, scale, index=index)`` (open_clip's convention, e.g. the gamma
+          loss). A plugged loss sees the in-batch features only; the queue is neither read nor written.
+        - ``itm``: cross-entropy of the matching head over 3B pairs: B positives, for each image a
+          negative text and for each text a negative image drawn by ``sample_hard_negatives`` from
+          the softmax of the ITC logits s z_image m_text^T (resp. s z_text m_image^T), excluding
+          the positive and every item with the same caption or index (a row without any is dropped).
+        - ``mlm``: cross-entropy at the masked positions (``mask_tokens``) of the text fused with its
+          image; with ``mlm_distill``: (1 - alpha) CE + alpha soft CE against the momentum model.
+
+        ``generator``: the CPU generator of masking and negatives; None derives one from (seed,
+        steps). ``return_features=True`` returns (terms, PairFeatures). In training mode ``steps``
+        advances by one; call ``momentum_update()`` after the optimizer step.
+        """
+        from plait.losses.objective import ContrastiveObjective, PairFeatures
+
+        batch = images.shape[0]
+        if isinstance(texts, str) or len(texts) != batch:
+            raise ValueError(f"pretrain_step needs one caption per image: {batch} images, "
+                             f"{'a string' if isinstance(texts, str) else len(texts)} texts")
+        if batch < 2:
+            raise ValueError("pretrain_step needs a batch of at least 2 pairs (ITM draws negatives from the batch)")
+        device = self._device()
+        index = integer_vector(index, "index", batch, device, " (one dataset index per pair)")
+        if bool((index < 0).any()):
+            raise ValueError("dataset indices must be >= 0")
+        step = int(self.steps)
+        generator = self.step_generator(step) if generator is None else generator
+        alpha = self.alpha_at(step) if alpha is None else float(alpha)
+
+        ids, mask = self.tokenize(texts)
+        masked_ids, labels = mask_tokens(ids, mask, generator, vocab_size=self.vocab_size, probability=self.mlm_probability)
+        both_ids, both_mask = torch.cat([ids, masked_ids]).to(device), torch.cat([mask, mask]).to(device)
+        mask = mask.to(device)
+        image = self.image_encoder(images)  # (B, 1 + P, D_v)
+        text_both = self.text_encoder(both_ids, both_mask)  # (2B, T, D): clean, then masked
+        text, text_masked = text_both[:batch], text_both[batch:]
+        z_image = F.normalize(self.vision_proj(image[:, 0]), dim=-1)
+        z_text = F.normalize(self.text_proj(text[:, 0]), dim=-1)
+        scale = self.scale()
+
+        slow = self.momentum_models
+        with torch.no_grad():
+            image_m = slow["image_encoder"](images)
+            text_m_both = slow["text_encoder"](both_ids if self.mlm_distill else both_ids[:batch],
+                                               both_mask if self.mlm_distill else both_mask[:batch])
+            m_image = F.normalize(slow["vision_proj"](image_m[:, 0]), dim=-1)
+            m_text = F.normalize(slow["text_proj"](text_m_both[:batch, 0]), dim=-1)
+        features = PairFeatures(z_image.float(), z_text.float(), index, scale.float(), m_image.float(), m_text.float())
+        if self.independent:
+            with torch.no_grad():
+                features.a_ind_aug = F.normalize(slow["vision_ind"](image_m[:, 0]), dim=-1).float()
+                features.b_ind_aug = F.normalize(slow["text_ind"](text_m_both[:batch, 0]), dim=-1).float()
+            features.a_ind = F.normalize(self.vision_ind(image[:, 0]), dim=-1).float()
+            features.b_ind = F.normalize(self.text_ind(text[:, 0]), dim=-1).float()
+
+        # ---- ITC
+        stats: dict[str, Tensor] = {}
+        if itc_loss is None:
+            itc, logits_i2t, logits_t2i = momentum_itc_loss(
+                features.a, features.b, features.a_aug, features.b_aug, features.logit_scale, alpha, index,
+                self.queue.contents() if self.queue.size else None)
+            if self.training:
+                self.queue.enqueue(m_image, m_text, index)
+        else:
+            with torch.no_grad():
+                logits_i2t = features.logit_scale * features.a @ features.b_aug.T
+                logits_t2i = features.logit_scale * features.b @ features.a_aug.T
+            if isinstance(itc_loss, ContrastiveObjective):
+                if itc_loss.needs_independent and not self.independent:
+                    raise ValueError("the feature separation regulariser needs FusionModel(independent=True)")
+                itc = itc_loss(features)
+                stats.update({f"itc/{k}": v for k, v in itc_loss.stats.items() if torch.is_tensor(v)})
+            else:
+                itc = itc_loss(features.a, features.b, features.logit_scale, index=index)
+
+        # ---- ITM hard negatives (and MLM's masked text) through the fusion encoder, one call of 4B
+        forbidden = same_caption(list(texts), index)
+        negative_text, text_ok = sample_hard_negatives(logits_i2t, forbidden, generator)  # a text per image
+        negative_image, image_ok = sample_hard_negatives(logits_t2i, forbidden, generator)  # an image per text
+        negative_text, negative_image = negative_text[:, 0].to(device), negative_image[:, 0].to(device)
+        fused = self.fusion(
+            torch.cat([text, text[negative_text], text, text_masked]),
+            torch.cat([mask, mask[negative_text], mask, mask]),
+            torch.cat([image, image, image[negative_image], image]),
+        )
+        itm_logits = self.itm_head(fused[: 3 * batch, 0]).float()
+        itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(device)
+        pair_weight = torch.cat([torch.ones(batch, dtype=torch.bool), text_ok, image_ok]).float().to(device)
+        itm = (F.cross_entropy(itm_logits, itm_labels, reduction="none") * pair_weight).sum() / pair_weight.sum()
+
+        # ---- MLM at the chosen positions only (the tied decoder over 30k tokens is the costly part)
+        chosen = (labels != IGNORE).to(device)
+        targets = labels.to(device)[chosen]
+        mlm_logits = self.mlm_head(fused[3 * batch:][chosen], self.text_encoder.embeddings.word.weight).float()
+        if targets.numel() == 0:
+            mlm = fused[3 * batch:].sum() * 0.0
+        else:
+            mlm = F.cross_entropy(mlm_logits, targets)
+            if self.mlm_distill and alpha > 0:
+                with torch.no_grad():
+                    fused_m = slow["fusion"](text_m_both[batch:], mask, image_m)
+                    soft = F.softmax(slow["mlm_head"](fused_m[chosen], slow["text_encoder"].embeddings.word.weight).float(), dim=-1)
+                distill = -(soft * F.log_softmax(mlm_logits, dim=-1)).sum(-1).mean()
+                mlm = (1 - alpha) * mlm + alpha * distill
+
+        loss = self.weights["itc"] * itc + self.weights["itm"] * itm + self.weights["mlm"] * mlm
+        with torch.no_grad():
+            stats.update(
+                alpha=torch.tensor(alpha), temperature=1.0 / scale.detach().float(),
+                itm_accuracy=((itm_logits.argmax(1) == itm_labels).float() * pair_weight).sum() / pair_weight.sum(),
+                mlm_accuracy=(mlm_logits.argmax(1) == targets).float().mean() if targets.numel() else torch.tensor(float("nan")),
+                masked_tokens=torch.tensor(float(targets.numel())),
+                queue_filled=(self.queue.index >= 0).sum().float(),
+            )
+        if self.training:
+            self.steps += 1
+        terms = {"loss": loss, "itc": itc, "itm": itm, "mlm": mlm, **stats}
+        return (terms, features) if return_features else terms
+
+
+def _select(shared: Tensor, independent: Tensor | None, features: str) -> Tensor:
+    if features == "shared":
+        return shared
+    if features not in ("independent", "both"):
+        raise ValueError(f"features must be 'shared', 'independent' or 'both', got {features!r}")
+    if independent is None:
+        raise ValueError(f"features={features!r} needs FusionModel(independent=True)")
+    return independent if features == "independent" else torch.cat([shared, independent], dim=-1)
+
+
+def build_fusion_model(spec: dict | None = None) -> FusionModel:
+    """A FusionModel from a config's ``model`` section: ``{"kind": "fusion", "preset": "tiny",
+    **options}`` (``kind`` ignored; options override the preset, checked against the signature)."""
+    options = dict(spec or {})
+    options.pop("kind", None)
+    preset = options.pop("preset", "tiny")
+    accepted = set(inspect.signature(FusionModel.__init__).parameters) - {"self"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"fusion model has no option {', '.join(map(repr, unknown))}; its options: preset, {', '.join(sorted(accepted))}")
+    return FusionModel.preset(preset, **options)
+
+
+__all__ = ["FusionModel", "LOSS_TERMS", "MINILM", "PRESETS", "build_fusion_model"]

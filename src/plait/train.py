@@ -35,6 +35,7 @@ from plait import runtime
 from plait.atomic import atomic_write_text, temp_files
 from plait.checkpoint import export_weights, load_checkpoint, save_checkpoint
 from plait.config import from_yaml, to_yaml
+from plait.models.contract import Batch, ObjectiveError
 
 # Files a run writes into output_dir (``--overwrite`` removes these and nothing else); a directory
 # holding one of GUARDED is a run that a new one without --resume / --overwrite must not replace.
@@ -290,10 +291,6 @@ def _degenerate_features(features, index: torch.Tensor) -> str | None:
     return None
 
 
-def _join(x, y):
-    return torch.cat([x, y]) if torch.is_tensor(x) else [*x, *y]
-
-
 class Trainer:
     """Builds everything a config names and runs (or resumes) it."""
 
@@ -360,6 +357,7 @@ class Trainer:
         self._skip_nonfinite = config.train.on_nonfinite == "skip"
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.skipped_steps, self.consecutive_skips = 0, 0  # train.on_nonfinite=skip
+        self.terms: dict = {}  # the named loss terms of the last step (model contract)
         self._window_losses: list[torch.Tensor] = []  # losses of the steps since the last log line
         self._window_samples = 0
         self.last_checkpoint: tuple[Path, int] | None = None  # (path, step) of the latest save or resume
@@ -431,27 +429,14 @@ class Trainer:
             b = self._augmented("b", b, index)
         return index.to(self.device), a, b, a_aug, b_aug
 
-    def features(self, index, a, b, a_aug=None, b_aug=None):
-        """The objective's input for one batch: each tower runs once over [view; augmented view]."""
-        from plait.losses.objective import PairFeatures
-
-        bank = {}
+    def batch(self, index, a, b, a_aug=None, b_aug=None) -> Batch:
+        """The model contract's batch; with ``train.bank_momentum``, the momentum copy's features
+        of the training views for the loss's memory bank."""
+        bank = None
         if self.momentum_model is not None:
             with torch.no_grad():
-                ma, mb, _ = self.momentum_model(a, b)
-            bank = {"a_bank": ma.float(), "b_bank": mb.float()}
-        if a_aug is None:
-            za, zb, scale = self.model(a, b)
-            return PairFeatures(za.float(), zb.float(), index, scale.float(), **bank)
-        size = len(index)
-        za, zia = self.model.embed_a(_join(a, a_aug))
-        zb, zib = self.model.embed_b(_join(b, b_aug))
-
-        def halves(z):
-            return (None, None) if z is None else (z[:size].float(), z[size:].float())
-
-        (za, za_aug), (zb, zb_aug), (zia, zia_aug), (zib, zib_aug) = halves(za), halves(zb), halves(zia), halves(zib)
-        return PairFeatures(za, zb, index, self.model.scale().float(), za_aug, zb_aug, zia, zib, zia_aug, zib_aug, **bank)
+                bank = (self.momentum_model.encode_a(a), self.momentum_model.encode_b(b))
+        return Batch(index, a, b, a_aug, b_aug, bank)
 
     def _encode_train_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every training item's (z_a, z_b) under the current model, without augmentation or gradient."""
@@ -499,15 +484,15 @@ class Trainer:
         if not (self.model.training and self.loss_fn.training):  # evaluation switches them off
             self.model.train()
             self.loss_fn.train()
-        with runtime.autocast(self.device, self.amp_dtype):
-            features = self.features(index, a, b, a_aug, b_aug)
         try:
-            loss = self.loss_fn(features)
-        except ValueError:  # a feature row with no direction (all zeros) is refused by the loss
-            fault = _degenerate_features(features, index)
+            with runtime.autocast(self.device, self.amp_dtype):
+                out = self.model.training_step(self.batch(index, a, b, a_aug, b_aug), self.loss_fn)
+        except ObjectiveError as error:  # a feature row with no direction (all zeros) is refused by the loss
+            fault = _degenerate_features(error.features, index)
             if fault is None:
                 raise
             return self._fault(fault, index)
+        loss, features, self.terms = out.loss, out.features, out.terms
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -535,6 +520,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
+        self.model.after_optimizer_step()
         if self.momentum_model is not None:
             self._update_momentum()
         self.consecutive_skips = 0
@@ -777,7 +763,7 @@ class Trainer:
                     }
                     if self._skip_nonfinite:
                         record["skipped_steps"] = self.skipped_steps
-                    for key, value in getattr(self.loss_fn, "stats", {}).items():
+                    for key, value in self.terms.items():  # the named terms of the last step taken
                         record[key] = float(value)
                     self.log(record)
                     if running:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from plait.models.contract import Batch, ContrastiveModel
+
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
@@ -25,7 +27,7 @@ class ProjectionHead(nn.Module):
         return self.net(x)
 
 
-class TwoTower(nn.Module):
+class TwoTower(ContrastiveModel):
     """z_a = normalize(P_a(f_a(x_a))), z_b = normalize(P_b(f_b(x_b))); scale = exp(t), t <= ln 100.
 
     ``encoder_a`` and ``encoder_b`` are any modules mapping a batch to (B, out_dim) features (set
@@ -33,6 +35,8 @@ class TwoTower(nn.Module):
     the convention of open_clip's ``ClipLoss`` inputs. ``independent=True`` adds a second
     projection head per tower for modality-specific features z^i (feature separation), read
     with ``embed_a`` / ``embed_b`` or ``encode_a(x, features="independent" | "both")``.
+    Trains through the model contract (``plait.models.contract``): ``training_step`` is the
+    objective on ``contrastive_features``.
     """
 
     def __init__(self, encoder_a: nn.Module, encoder_b: nn.Module, embed_dim: int = 128,
@@ -69,6 +73,30 @@ class TwoTower(nn.Module):
 
     def forward(self, a, b) -> tuple[Tensor, Tensor, Tensor]:
         return self.encode_a(a), self.encode_b(b), self.scale()
+
+    def contrastive_features(self, batch: Batch):
+        """The objective's input (float32): each tower runs once, over [view; augmented view]
+        when the batch has augmented views; independent features when the model has their heads."""
+        from plait.losses.objective import PairFeatures
+
+        bank = {} if batch.bank is None else {"a_bank": batch.bank[0].float(), "b_bank": batch.bank[1].float()}
+        if batch.a_aug is None:
+            za, zb, scale = self(batch.a, batch.b)
+            return PairFeatures(za.float(), zb.float(), batch.index, scale.float(), **bank)
+        size = len(batch.index)
+        za, zia = self.embed_a(_join(batch.a, batch.a_aug))
+        zb, zib = self.embed_b(_join(batch.b, batch.b_aug))
+
+        def halves(z):
+            return (None, None) if z is None else (z[:size].float(), z[size:].float())
+
+        (za, za_aug), (zb, zb_aug), (zia, zia_aug), (zib, zib_aug) = halves(za), halves(zb), halves(zia), halves(zib)
+        return PairFeatures(za, zb, batch.index, self.scale().float(), za_aug, zb_aug, zia, zib, zia_aug, zib_aug, **bank)
+
+
+def _join(x, y):
+    """A batch of views followed by another: tensors concatenated, lists of strings joined."""
+    return torch.cat([x, y]) if torch.is_tensor(x) else [*x, *y]
 
 
 def _embed(hidden: Tensor, shared: nn.Module, independent: nn.Module | None) -> tuple[Tensor, Tensor | None]:

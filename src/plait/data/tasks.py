@@ -443,7 +443,7 @@ class EmojiReasoning(EmojiTask):
             return queue[kind].pop()
 
         def true_pair(kind):
-            while True:
+            for _ in range(10_000):
                 first = next_first(kind)
                 if kind == "both_group":
                     cand, subject = mates(first, g == g[first]), gname(first)
@@ -459,6 +459,8 @@ class EmojiReasoning(EmojiTask):
                     cand = mates(first, without[subject])
                 if cand.size:
                     break
+            else:
+                raise ValueError(f"no pair of this split's emoji makes a {kind!r} statement true; use a larger block_size")
             second = int(_draw(rng, meta, cand, 1)[0])
             if kind == "right_group" or (kind == "exactly_one_word" and rng.integers(2)):
                 return (second, first), subject

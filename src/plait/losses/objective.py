@@ -6,6 +6,8 @@
 The second line is DESIGN.md's L_Con = 1/4 (V2T + T2V + V2V + T2T) for symmetric bases; the
 in-modal terms contrast each item with its augmented view and, for stateful bases (the gamma
 loss, SogCLR), keep their own per-sample state. Any base loss composes with any regulariser.
+Without a base (``base=None``, config ``loss.name: momentum_itc``) the objective is the
+regularisers alone: the model adds its own contrastive term (the fusion model's ITC).
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ class ContrastiveObjective(nn.Module):
     def __init__(self, base: nn.Module, in_modal: tuple[nn.Module, nn.Module] | None = None,
                  regularizers: list[tuple[str, float, nn.Module]] | tuple = ()):
         super().__init__()
-        self.base = base
+        if base is None and in_modal:
+            raise ValueError("the in-modal terms need a base loss (loss.in_modal with loss.name=momentum_itc is not defined)")
+        self.base = base  # None: the model's own contrastive term (the fusion model's momentum ITC)
         self.in_modal = nn.ModuleList(in_modal) if in_modal else None
         self.names = [name for name, _, _ in regularizers]
         self.weights = [float(weight) for _, weight, _ in regularizers]
@@ -60,13 +64,16 @@ class ContrastiveObjective(nn.Module):
     @property
     def stats(self) -> dict:
         """The base loss's staleness statistics and every term of the last call."""
-        return {**getattr(self.base, "stats", {}), **self.parts}
+        return {**(getattr(self.base, "stats", {}) if self.base is not None else {}), **self.parts}
 
     def forward(self, f: PairFeatures) -> Tensor:
-        extra = {} if f.a_bank is None else {"bank_features": (f.a_bank, f.b_bank)}
-        cross = self.base(f.a, f.b, index=f.index, logit_scale=f.logit_scale, **extra)
-        parts = {"base": cross.detach()}
-        total = cross
+        if self.base is None:  # the model computes its own contrastive term: only the regularisers here
+            total, parts = f.a.new_zeros(()), {}
+        else:
+            extra = {} if f.a_bank is None else {"bank_features": (f.a_bank, f.b_bank)}
+            cross = self.base(f.a, f.b, index=f.index, logit_scale=f.logit_scale, **extra)
+            parts = {"base": cross.detach()}
+            total = cross
         if self.in_modal is not None:
             _require(f, "a_aug", "b_aug", why="the in-modal terms")
             image = self.in_modal[0](f.a, f.a_aug, index=f.index, logit_scale=f.logit_scale)

@@ -2,6 +2,7 @@
 
     plait train CONFIG [key=value ...] [--resume [CHECKPOINT] | --overwrite] [--allow-import]
     plait eval WEIGHTS_OR_CHECKPOINT [--data NAME] [--out DIR] [--allow-import] [key=value ...]
+    plait finetune FUSION_WEIGHTS --task vqa|reasoning|entailment [key=value ...]
     plait report RUN_DIR [--html]
     plait data build NAME --out DIR [--image-size N] [--limit N]
     plait experiment {gradient-bias, small-batch, batch-sweep, gamma-ablation, information-gap, regularizers} [options]
@@ -58,6 +59,21 @@ def _eval(args: argparse.Namespace) -> int:
     metrics = evaluate_saved(args.weights, data=args.data, overrides=args.overrides, out_dir=args.out,
                              allow_import=args.allow_import)
     print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from plait.finetune import finetune
+
+    result = finetune(args.weights, args.task, overrides=args.overrides, allow_import=args.allow_import)
+    print(json.dumps(result["metrics"], indent=1))
+    return 0
+
+
+def _experiment_task_baselines(args: argparse.Namespace) -> int:
+    from plait.evaluate.task_baselines import task_baseline_table
+
+    print(task_baseline_table(image_size=args.image_size, seed=args.seed, per_kind=True))
     return 0
 
 
@@ -150,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.options.path=pairs.csv eval.label=group")
     evaluate.set_defaults(handler=_eval)
 
+    tune = commands.add_parser("finetune", help="fine-tune a pre-trained fusion model on an emoji task and evaluate it")
+    tune.add_argument("weights", help="model.safetensors or checkpoint.pt of a fusion run (model.kind: fusion)")
+    tune.add_argument("--task", required=True, choices=["vqa", "reasoning", "entailment"])
+    tune.add_argument("--allow-import", action="store_true", help=ALLOW_IMPORT_HELP)
+    tune.add_argument("overrides", nargs="*", help="e.g. epochs=5 lr=1e-4 batch_size=32 output_dir=runs/vqa (plait.finetune.FinetuneConfig)")
+    tune.set_defaults(handler=_finetune)
+
     report = commands.add_parser("report", help="write report.md (loss curves, metrics, gallery) for a run directory")
     report.add_argument("run_dir")
     report.add_argument("--html", action="store_true", help="a self-contained report.html instead")
@@ -206,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--reuse", action="store_true", help=REUSE_HELP)
     ablation.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     ablation.set_defaults(handler=_experiment_gamma_ablation)
+
+    baselines = experiments.add_parser("task-baselines", help="text-only, image-only and majority baselines of the three fusion tasks")
+    baselines.add_argument("--image-size", type=int, default=16)
+    baselines.add_argument("--seed", type=int, default=0)
+    baselines.set_defaults(handler=_experiment_task_baselines)
 
     gap = experiments.add_parser("information-gap", help="E3: synthetic gap and UCI view pairs; CLIP vs +Sep/+Br/+GC")
     gap.add_argument("--out", default="runs/information-gap")

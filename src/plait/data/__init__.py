@@ -8,6 +8,7 @@ from plait.data.emoji import EmojiDataset, base_of
 from plait.data.registry import build_dataset
 from plait.data.subset import SubsetPairDataset, carve_validation
 from plait.data.synthetic import InformationGapDataset
+from plait.data.tasks import EmojiEntailment, EmojiReasoning, EmojiVQA, TaskSubset, build_task, carve_task_validation, collate_task
 from plait.data.uci import UCIMultipleFeatures
 from plait.data.user import CsvPairDataset, FolderPairDataset
 
@@ -15,6 +16,9 @@ __all__ = [
     "CsvPairDataset",
     "DigitsDataset",
     "EmojiDataset",
+    "EmojiEntailment",
+    "EmojiReasoning",
+    "EmojiVQA",
     "FolderPairDataset",
     "ImageAugment",
     "VectorAugment",
@@ -23,10 +27,14 @@ __all__ = [
     "InformationGapDataset",
     "PairDataset",
     "SubsetPairDataset",
+    "TaskSubset",
     "TextAugment",
     "UCIMultipleFeatures",
     "base_of",
     "build_dataset",
+    "build_task",
+    "carve_task_validation",
+    "collate_task",
     "carve_validation",
     "clear_memory_cache",
     "collate_pairs",

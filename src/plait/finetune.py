@@ -1,0 +1,170 @@
+"""``plait finetune``: a pre-trained fusion model fine-tuned and evaluated on an emoji task.
+
+    plait finetune runs/fusion/model.safetensors --task vqa|reasoning|entailment [key=value ...]
+
+The backbone (image, text and fusion encoders) comes from a fusion run's ``model.safetensors``
+or ``checkpoint.pt`` (loaded as data, see ``plait.evaluate.run.load_model``); a task head
+(``plait.models.fusion.FusionClassifier``) is put on it and everything is trained with
+AdamW (warm-up + cosine, gradient clipping) on the task's training split minus a validation
+tenth carved by base emoji. Accuracy on the validation split is logged every epoch
+(``metrics.jsonl``); ``finetune.json`` holds the final validation and test accuracy, written
+atomically. Deterministic under ``seed`` on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import nn
+
+from plait import runtime
+from plait.atomic import atomic_write_text
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "vqa"
+    seed: int = 0
+    output_dir: str = ""  # default: beside the weights, finetune-TASK
+    task_options: dict[str, Any] = field(default_factory=dict)  # EmojiVQA / EmojiReasoning / EmojiEntailment options
+    validation_fraction: float = 0.1
+    batch_size: int = 32
+    epochs: int = 5
+    max_steps: Optional[int] = None
+    lr: float = 1e-4
+    head_lr_multiplier: float = 10.0  # the fresh head learns faster than the pre-trained backbone
+    weight_decay: float = 0.02
+    warmup_fraction: float = 0.1
+    grad_clip: float = 1.0
+    dropout: float = 0.0
+    eval_batch_size: int = 128
+    device: str = "auto"
+
+
+def finetune_config(task: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """The fine-tuning settings: defaults <- ``task`` <- ``key=value`` overrides (errors name the override)."""
+    config = OmegaConf.structured(FinetuneConfig)
+    config.task = task
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        try:
+            config = OmegaConf.merge(config, OmegaConf.from_dotlist([item]))
+        except (OmegaConfBaseException, TypeError) as error:
+            raise ValueError(f"bad override {item!r}: {str(error).splitlines()[0]}") from None
+    for key in ("batch_size", "epochs"):
+        if config[key] < 1:
+            raise ValueError(f"{key} must be >= 1, got {config[key]}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1 or null, got {config.max_steps}")
+    if not config.lr > 0:
+        raise ValueError(f"lr must be positive, got {config.lr}")
+    if not 0 <= config.validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
+    return config
+
+
+def _loader(dataset, batch_size: int, generator: torch.Generator | None = None):
+    from plait.data.tasks import collate_task
+
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None, drop_last=generator is not None,
+                                       collate_fn=collate_task, generator=generator)
+
+
+@torch.no_grad()
+def accuracy(classifier: nn.Module, dataset, batch_size: int, device: torch.device) -> float:
+    """Top-1 accuracy of ``classifier`` on a task dataset (labels of -1, answers outside the
+    training vocabulary, count as wrong)."""
+    was_training = classifier.training
+    classifier.eval()
+    correct = total = 0
+    for _, images, texts, labels in _loader(dataset, batch_size):
+        predicted = classifier(images.to(device), list(texts)).argmax(1).cpu()
+        correct += int((predicted == labels).sum())
+        total += len(labels)
+    classifier.train(was_training)
+    return correct / max(total, 1)
+
+
+def finetune(weights: str | Path, task: str, overrides: list[str] | tuple[str, ...] = (), allow_import: bool = False) -> dict:
+    """Fine-tune the fusion backbone of ``weights`` on ``task``; returns (and writes) the metrics."""
+    from plait.data.tasks import build_task, carve_task_validation
+    from plait.evaluate.run import load_model
+    from plait.models.fusion import FusionClassifier, FusionModel
+    from plait.train import parameter_groups, warmup_cosine
+
+    config = finetune_config(task, overrides)
+    backbone, pretrain = load_model(weights, allow_import=allow_import)
+    if not isinstance(backbone, FusionModel):
+        raise ValueError(f"{weights}: fine-tuning needs a fusion model (model.kind: fusion), this is a {type(backbone).__name__}")
+    out = Path(config.output_dir or Path(weights).parent / f"finetune-{config.task}")
+    runtime.seed_everything(config.seed)
+    device = runtime.select_device(config.device)
+    options = {"image_size": backbone.image_size, **(OmegaConf.to_container(config.task_options) or {})}
+    train_set = build_task(config.task, split="train", **options)
+    test_set = build_task(config.task, split="test", **options)
+    fit_set, validation_set = (carve_task_validation(train_set, config.validation_fraction, seed=0)
+                               if config.validation_fraction else (train_set, None))
+    if len(fit_set) < config.batch_size:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the {len(fit_set)} training items")
+    classifier = FusionClassifier(backbone, config.task, num_classes=train_set.num_classes, dropout=config.dropout).to(device)
+    head = set(map(id, classifier.head.parameters()))
+    groups = []
+    for group in parameter_groups(classifier, config.weight_decay):
+        for part, multiplier in ((p for p in group["params"] if id(p) not in head), 1.0), ((p for p in group["params"] if id(p) in head), config.head_lr_multiplier):
+            params = list(part)
+            if params:
+                groups.append({"params": params, "weight_decay": group["weight_decay"], "lr": config.lr * multiplier})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    steps_per_epoch = len(fit_set) // config.batch_size
+    total = config.epochs * steps_per_epoch
+    total = min(total, config.max_steps) if config.max_steps else total
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, max(1, int(config.warmup_fraction * total))))
+    generator = torch.Generator().manual_seed(config.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "metrics.jsonl"
+    lines: list[str] = []
+    step, start = 0, time.perf_counter()
+    classifier.train()
+    for epoch in range(config.epochs):
+        running = []
+        for index, images, texts, labels in _loader(fit_set, config.batch_size, generator):
+            logits = classifier(images.to(device), list(texts))
+            loss = nn.functional.cross_entropy(logits.float(), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = nn.utils.clip_grad_norm_(classifier.parameters(), config.grad_clip)
+            if not (math.isfinite(float(loss)) and math.isfinite(float(norm))):
+                raise ValueError(f"non-finite {'loss' if not math.isfinite(float(loss)) else 'gradient'} at fine-tuning step {step} "
+                                 f"(epoch {epoch}, items {index[:8].tolist()}); lower lr")
+            optimizer.step()
+            scheduler.step()
+            running.append(float(loss))
+            step += 1
+            if step >= total:
+                break
+        record = {"step": step, "epoch": epoch + 1, "loss": sum(running) / max(len(running), 1),
+                  "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - start}
+        if validation_set is not None:
+            record["validation_accuracy"] = accuracy(classifier, validation_set, config.eval_batch_size, device)
+        lines.append(json.dumps(record))
+        atomic_write_text(log, "\n".join(lines) + "\n")
+        if step >= total:
+            break
+    metrics = {"test_accuracy": accuracy(classifier, test_set, config.eval_batch_size, device)}
+    if validation_set is not None:
+        metrics["validation_accuracy"] = accuracy(classifier, validation_set, config.eval_batch_size, device)
+    result = {"task": config.task, "weights": str(weights), "steps": step, "train_items": len(fit_set),
+              "test_items": len(test_set), "num_classes": train_set.num_classes, "metrics": metrics,
+              "pretrain": {"loss": pretrain.loss.name, "regularizers": [dict(r) for r in pretrain.regularizers]},
+              "config": OmegaConf.to_container(config)}
+    atomic_write_text(out / "finetune.json", json.dumps(result, indent=1) + "\n")
+    return result

@@ -85,3 +85,20 @@ def test_temp_files_lists_only_what_interrupted_atomic_writes_leave(tmp_path):
     assert [p.name for p in temp_files(tmp_path)] == [".checkpoint.pt.tmp-a1b2", ".model.safetensors.tmp-zz"]
     assert temp_files(tmp_path / "missing") == []
     assert atomic.TEMP_MARK == ".tmp-"
+
+
+def test_a_new_file_gets_the_mode_open_would_give_and_a_replaced_file_keeps_its_mode(tmp_path):
+    """mkstemp makes 0600 files; an output file must be as readable as one written with open()."""
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == 0o644
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.json", "{}")
+        assert stat.S_IMODE(os.stat(tmp_path / "b.json").st_mode) == 0o600
+        assert atomic.current_umask() == 0o077
+        os.chmod(tmp_path / "a.json", 0o640)
+        atomic_write_text(tmp_path / "a.json", "[]")  # replacing keeps the file's own mode, whatever the umask
+        assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == 0o640 and (tmp_path / "a.json").read_text() == "[]"
+    finally:
+        os.umask(old)

@@ -4,12 +4,16 @@
 moves it onto ``path`` with ``os.replace`` and fsyncs the directory, so the rename itself
 survives a power cut. A failed write (disk full, permissions, an interrupt) removes the
 temporary file; an ``OSError`` becomes a :class:`WriteError` of one line naming the file.
+The new file gets the permissions a plain ``open(path, "w")`` would give it (``0o666`` less the
+umask), or those of the file it replaces (``mkstemp`` alone would make it ``0o600``).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -31,6 +35,33 @@ def temp_files(directory: str | Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.glob(f".*{TEMP_MARK}*") if p.is_file())
+
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the platform says it (Linux's
+    /proc/self/status), else by setting and restoring it (under a lock)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode of the file ``path`` replaces, or ``0o666 & ~umask`` for a new one."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
 
 
 def fsync_directory(directory: str | Path) -> None:
@@ -56,6 +87,10 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}")
+        try:
+            os.fchmod(fd, _new_file_mode(path))
+        except (OSError, AttributeError):  # AttributeError: no fchmod (Windows)
+            pass
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

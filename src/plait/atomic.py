@@ -29,6 +29,13 @@ class WriteError(OSError, ValueError):
         return str(self.strerror)
 
 
+def display_path(path) -> str:
+    """A path for a one-line message: as it is, or escaped as ``repr`` escapes it when it holds a
+    newline or another unprintable character (a file name may; the message must stay one line)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def temp_files(directory: str | Path) -> list[Path]:
     """The temporary files that interrupted atomic writes left in ``directory``."""
     directory = Path(directory)
@@ -106,7 +113,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         if isinstance(error, OSError) and not isinstance(error, WriteError):
             reason = error.strerror or str(error) or type(error).__name__
             kept = f"the previous {path.name} is unchanged" if path.exists() else f"{path.name} was not created"
-            raise WriteError(error.errno, f"could not write {path}: {reason} ({kept})") from error
+            raise WriteError(error.errno, f"could not write {display_path(path)}: {reason} ({kept})") from error
         raise
     fsync_directory(path.parent)
     return path

@@ -16,12 +16,16 @@ never interpolated, registered component names only).
 
 from __future__ import annotations
 
+import pickle
+import pickletools
+import re
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from plait.atomic import atomic_write
+from plait.atomic import atomic_write, display_path as _show
 
 FORMAT = "plait-checkpoint-1"
 WEIGHTS_FORMAT = "plait-weights-1"
@@ -35,23 +39,50 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
+        raise ValueError(f"checkpoint {_show(path)} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4 ...": the refusal below says it in one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise ValueError(f"checkpoint {path} is not a loadable plait checkpoint: {_reason(error)}") from None
+        raise ValueError(f"checkpoint {_show(path)} is not a loadable plait checkpoint: {_reason(error)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path} is not a plait checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
+        shown = repr(state.get("format"))[:60] if isinstance(state, dict) else None
+        raise ValueError(f"checkpoint {_show(path)} is not a plait checkpoint (format {shown})")
     return state
 
 
+_OPCODES = {ord(op.code): op.name for op in pickletools.opcodes}
+
+
 def _reason(error: Exception) -> str:
-    """The first line of a loader's error: torch's unpickler explains itself over 20 lines."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in lines:  # torch names the refused global on a line of its own
-        if "Unsupported global" in line or "GLOBAL" in line:
-            return f"{line.rstrip('.')} (refused without running it)"
-    return lines[0] if lines else type(error).__name__
+    """One line for a loader's error. torch's unpickler explains itself over many lines and
+    advises re-running with ``weights_only=False``, which would run the file's code: that advice
+    is never repeated; the refused global or opcode is named instead."""
+    text = str(error)
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+    if found:
+        return f"its pickle names the global {found.group(1).rstrip('.')}, which is not a tensor or plain data (refused without running it)"
+    found = re.search(r"Unsupported operand (\d+)", text)
+    if found:
+        code = int(found.group(1))
+        name = _OPCODES.get(code)
+        if name is None:
+            return f"not a torch checkpoint (byte {code} is not a pickle opcode; nothing was run)"
+        return f"its pickle uses opcode {code} ({name}), which the weights-only loader refuses (nothing was run; not a file written by torch.save?)"
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
+    if "Weights only load failed" in text or isinstance(error, pickle.UnpicklingError):
+        detail = next((line for line in lines if "WeightsUnpickler error" in line), "")
+        return "refused by the weights-only loader (nothing was run)" + (f": {detail[:200]}" if detail else "")
+    if isinstance(error, EOFError):
+        return "the file ends early (truncated?; nothing was run)"
+    if not isinstance(error, (RuntimeError, OSError)):  # KeyError: 101, pop from empty list, ...: the unpickler's own
+        detail = f"{type(error).__name__}: {lines[0][:100]}" if lines else type(error).__name__
+        return f"not a torch checkpoint (a malformed pickle, {detail}; nothing was run)"
+    if not lines:
+        return type(error).__name__
+    first = lines[0].split(". ")[0].rstrip(".")  # torch's first sentence; the rest is advice
+    return first[:300]
 
 
 def export_weights(model: nn.Module, path: str | Path, config_yaml: str, inputs: dict | None = None) -> Path:
@@ -78,15 +109,18 @@ def load_weights(path: str | Path, with_inputs: bool = False):
 
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"weights file {path} does not exist")
-    data = path.read_bytes()
+        raise ValueError(f"weights file {_show(path)} does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"cannot read weights file {_show(path)}: {error.strerror or error}") from None
     metadata = _safetensors_metadata(data, path)
     if "config" not in metadata:
-        raise ValueError(f"{path} has no plait config in its metadata; was it written by plait export?")
+        raise ValueError(f"{_show(path)} has no plait config in its metadata; was it written by plait export?")
     try:
         state = load(data)
     except Exception as error:
-        raise ValueError(f"{path} is not a readable safetensors file: {_reason(error)}") from None
+        raise ValueError(f"{_show(path)} is not a readable safetensors file: {_reason(error)}") from None
     inputs = None
     if "inputs" in metadata:
         try:
@@ -102,17 +136,17 @@ def _safetensors_metadata(data: bytes, path: Path) -> dict[str, str]:
     import json
 
     if len(data) < 8:
-        raise ValueError(f"{path} is not a safetensors file (only {len(data)} bytes)")
+        raise ValueError(f"{_show(path)} is not a safetensors file (only {len(data)} bytes)")
     size = int.from_bytes(data[:8], "little")
     if size < 2 or 8 + size > len(data):
-        raise ValueError(f"{path} is not a safetensors file or is truncated (header of {size} bytes in a {len(data)}-byte file)")
+        raise ValueError(f"{_show(path)} is not a safetensors file or is truncated (header of {size} bytes in a {len(data)}-byte file)")
     try:
         header = json.loads(data[8:8 + size].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"{path} has a malformed safetensors header (not JSON)") from None
+        raise ValueError(f"{_show(path)} has a malformed safetensors header (not JSON)") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path} has a malformed safetensors header (not an object)")
+        raise ValueError(f"{_show(path)} has a malformed safetensors header (not an object)")
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError(f"{path} has malformed safetensors metadata")
+        raise ValueError(f"{_show(path)} has malformed safetensors metadata")
     return metadata

@@ -116,7 +116,12 @@ def test_stored_configs_are_validated_against_the_schema_and_the_registries(text
     assert str(caught.value).startswith("model.safetensors: ") and "\n" not in str(caught.value)
 
 
-def test_a_pickle_naming_any_global_is_refused_unread(tmp_path, capsys):
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL, pickle.HIGHEST_PROTOCOL])
+def test_a_pickle_naming_any_global_is_refused_unread(tmp_path, capsys, protocol):
+    """One line, no torch warning before it, and never torch's advice to load with
+    weights_only=False (which would run the file's code)."""
+    import warnings
+
     marker = tmp_path / "pwned"
 
     class Exploit:
@@ -125,16 +130,34 @@ def test_a_pickle_naming_any_global_is_refused_unread(tmp_path, capsys):
 
     path = tmp_path / "checkpoint.pt"
     with open(path, "wb") as handle:
-        pickle.dump({"format": "plait-checkpoint-1", "model": Exploit(), "config": ""}, handle, protocol=2)
-    code, err = _eval_cli(capsys, path)
-    assert code == 2
+        pickle.dump({"format": "plait-checkpoint-1", "model": Exploit(), "config": ""}, handle, protocol=protocol)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, err = _eval_cli(capsys, path)
+    assert code == 2 and caught == []
     line = _one_line(err)
-    assert "not a loadable plait checkpoint" in line and "refused without running it" in line
+    assert "not a loadable plait checkpoint" in line and "weights_only" not in line and "will likely succeed" not in line
+    if protocol == 2:  # the global is reached and named
+        assert "its pickle names the global posix.system" in line and "refused without running it" in line
+    else:  # protocol 4 and 5 frame the pickle: the weights-only loader refuses the opcode before any global
+        assert "its pickle uses opcode 149 (FRAME), which the weights-only loader refuses (nothing was run" in line
     assert not marker.exists()
     # torch.save'd objects other than tensors and plain data: refused as well
     torch.save({"format": "plait-checkpoint-1", "model": torch.nn.Linear(2, 2)}, path)
-    with pytest.raises(ValueError, match="not a loadable plait checkpoint"):
+    with pytest.raises(ValueError, match="names the global torch.nn.modules.linear.Linear, which is not a tensor") as refused:
         load_checkpoint(path)
+    assert "\n" not in str(refused.value) and "weights_only" not in str(refused.value)
+
+
+def test_random_bytes_as_a_checkpoint_are_one_line_without_unsafe_advice(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "checkpoint.pt"
+    for n, prefix in enumerate([b"", b"", b"", b"PK\x03\x04", b"\x80\x02", b"\x80\x02}q\x00("]):
+        path.write_bytes(prefix + rng.integers(0, 256, 200 + 50 * n, dtype=np.uint8).tobytes())
+        code, err = _eval_cli(capsys, path)
+        line = _one_line(err)
+        assert code == 2 and "weights_only" not in line and "not a loadable plait checkpoint: " in line, line
+        assert not line.rstrip().endswith(": 101") and "nothing was run" in line or "zip archive" in line, line
 
 
 def _header(blob: dict) -> bytes:

@@ -115,6 +115,20 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
         load_weights(tmp_path / "w.safetensors")
 
 
+def test_the_torch_floor_is_one_whose_weights_only_loader_is_safe():
+    """torch.load(weights_only=True) ran code before 2.6 (CVE-2025-32434) and its unpickler could
+    corrupt memory before 2.10 (CVE-2026-24747): loading a checkpoint is data only from 2.10 on."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    floor = re.findall(r'^\s*"torch([^"]*)",', text, flags=re.M)
+    assert len(floor) == 1 and re.fullmatch(r">=(\d+)\.(\d+)(\.\d+)?", floor[0]), floor
+    assert tuple(int(x) for x in re.match(r">=(\d+)\.(\d+)", floor[0]).groups()) >= (2, 10)
+    installed = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+    assert installed >= (2, 10) and hasattr(torch.nn.utils, "get_total_norm")
+
+
 def test_sampler_order_is_a_function_of_seed_and_epoch():
     sampler = EpochSampler(10, seed=3)
     sampler.set_position(2, 0)

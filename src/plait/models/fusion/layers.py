@@ -11,6 +11,8 @@ ALBEF's fusion layer (its xbert.BertLayer with ``has_cross_attention``)::
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -107,13 +109,15 @@ class MLMHead(nn.Module):
 
 
 def init_bert_(module: nn.Module) -> None:
-    """BERT's initialisation, in place: Linear weights ~ N(0, 0.02), biases 0, LayerNorm (1, 0)."""
+    """BERT's initialisation at any width, in place: Linear weights ~ N(0, std^2) with
+    std = 0.02 sqrt(768 / fan_in) (BERT-base's 0.02 at its width 768: the same gain per layer,
+    where a fixed 0.02 at width 64 would shrink every layer's output 6x and make the [CLS]
+    state of all captions nearly equal at init), biases 0, LayerNorm (1, 0)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
+            nn.init.normal_(m.weight, std=0.02 * math.sqrt(768 / m.in_features))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-

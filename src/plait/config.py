@@ -43,6 +43,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # two_tower (CLIP-style: a, b, embed_dim, ...) | fusion (ALBEF-style: the options in `fusion`,
+    # e.g. {preset: tiny, queue_size: 1024}, see plait.models.fusion.FusionModel; embed_dim and
+    # init_temperature apply too)
+    kind: str = "two_tower"
+    fusion: dict[str, Any] = field(default_factory=dict)
     # Encoder specs {name: ..., **options}; empty: chosen by the view's modality (see build_model).
     a: dict[str, Any] = field(default_factory=dict)
     b: dict[str, Any] = field(default_factory=dict)

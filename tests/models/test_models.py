@@ -78,6 +78,63 @@ def test_build_encoder_builtin_plugin_and_errors():
         build_encoder({"name": "cnn", "depth": 3}, torch.rand(3, 8, 8))
 
 
+def test_allow_import_constructs_only_nn_module_classes(tmp_path):
+    """--allow-import is an opt-in to import a module, never to call whatever the name points at."""
+    marker = tmp_path / "ran"
+    for name, spec in (("os:system", {"command": f"touch {marker}"}), ("subprocess:call", {"args": ["touch", str(marker)]}),
+                       ("builtins:dict", {}), ("torch.nn:functional", {}), ("pathlib:Path", {"args": str(marker)})):
+        with pytest.raises(ValueError, match=rf"encoder '{name}' is not an nn.Module class") as caught:
+            build_encoder({"name": name, **spec}, torch.rand(5), allow_import=True)
+        assert "--allow-import only constructs nn.Module subclasses" in str(caught.value)
+    assert not marker.exists()
+    plugged = build_encoder({"name": "tests.models.test_models:TinyEncoder", "out_dim": 3}, torch.rand(5), allow_import=True)
+    assert isinstance(plugged, TinyEncoder)
+    with pytest.raises(ValueError, match="has no valid out_dim"):  # a module without one cannot be a tower
+        build_encoder({"name": "torch.nn:Identity"}, torch.rand(5), allow_import=True)
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"embed_dim": -5}, "model.embed_dim=-5 is not valid: it must be an integer in [1, 1048576]"),
+    ({"embed_dim": 0}, "model.embed_dim=0 is not valid"),
+    ({"projection_hidden": -1}, "model.projection_hidden=-1 is not valid: it must be an integer in [0, 1048576]"),
+    ({"init_temperature": float("inf")}, "model.init_temperature=inf is not valid"),
+    ({"a": {"name": "mlp", "hidden": [-1]}}, "model.a.hidden[0]=-1 is not valid"),
+    ({"a": {"name": "mlp", "hidden": [0]}}, "model.a.hidden[0]=0 is not valid"),
+    ({"a": {"name": "mlp", "hidden": [1 << 40]}}, "model.a.hidden[0]=1099511627776 is not valid"),
+    ({"a": {"name": "mlp", "hidden": 64}}, "model.a.hidden=64 is not valid: it must be a list"),
+    ({"a": {"name": "mlp", "out_dim": -3}}, "model.a.out_dim=-3 is not valid"),
+    ({"a": {"name": "mlp", "dropout": 1.5}}, "model.a.dropout=1.5 is not valid"),
+    ({"a": {"name": "cnn", "width": True}}, "model.a.width=True is not valid"),
+    ({"a": {"name": "vit", "width": 10, "heads": 4}}, "model.a: width=10 is not a multiple of heads=4"),
+    ({"b": {"name": "bow", "embed_dim": -16}}, "model.b.embed_dim=-16 is not valid"),
+    ({"b": {"name": "transformer", "max_length": 0}}, "model.b.max_length=0 is not valid"),
+])
+def test_bad_sizes_are_one_line_errors_naming_the_key_before_anything_is_allocated(model, message):
+    spec = {"modalities": ["image", "text"], "shapes": [[3, 8, 8], None]}
+    with pytest.raises(ValueError) as caught:
+        build_model({"a": {"name": "mlp"}, "b": {"name": "bow"}, "embed_dim": 8, **model}, spec)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_model_is_sized_on_the_meta_device_without_memory():
+    """Shapes only: a model that would need 4 TB is built on the meta device in no time, and its
+    shapes are those of the real model."""
+    from plait.models import check_input_spec
+
+    spec = {"modalities": ["image", "text"], "shapes": [[3, 8, 8], None]}
+    config = {"a": {"name": "mlp", "hidden": [1 << 20, 1 << 20]}, "b": {"name": "bow", "out_dim": 8, "embed_dim": 8}, "embed_dim": 8}
+    huge = build_model(config, spec, device="meta")
+    assert all(t.device.type == "meta" for t in huge.state_dict().values())
+    assert huge.state_dict()["encoder_a.net.5.weight"].shape == (1 << 20, 1 << 20)
+    small = {"a": {"name": "mlp", "hidden": [6]}, "b": {"name": "bow", "out_dim": 8, "embed_dim": 8}, "embed_dim": 8}
+    real, meta = build_model(small, spec), build_model(small, spec, device="meta")
+    assert {k: v.shape for k, v in real.state_dict().items()} == {k: v.shape for k, v in meta.state_dict().items()}
+    for bad in ([[1 << 20, 1 << 20], None], [[3, 8, 8, 1, 1], None], [[3, 0, 8], None], [None, None], [[3, 8, 8], [4]],
+                [[3, True, 8], None]):
+        with pytest.raises(ValueError, match="malformed input spec"):
+            check_input_spec({"modalities": ["image", "text"], "shapes": bad}, source="f")
+
+
 def test_build_model_picks_encoders_by_modality():
     class Data:
         modalities = ("image", "text")

@@ -158,15 +158,46 @@ def _samples(inputs) -> tuple[list[str], tuple]:
     return spec["modalities"], samples
 
 
+MODEL_KINDS = ("two_tower", "fusion")
+
+
+def build_fusion(config: dict, inputs, independent: bool = False, device=None):
+    """A ``FusionModel`` (ALBEF-style) from a config's ``model`` section: ``model.fusion`` holds
+    its options over a preset (``{preset: tiny, queue_size: 1024, ...}``), ``model.embed_dim`` and
+    ``model.init_temperature`` apply, the image size comes from the inputs. Needs image-text data."""
+    from plait.models.fusion import build_fusion_model
+
+    spec = inputs if isinstance(inputs, dict) else input_spec(inputs)
+    if list(spec["modalities"]) != ["image", "text"] or spec["shapes"][0] is None:
+        raise ValueError(f"model.kind=fusion needs image-text pairs, the data give {' and '.join(spec['modalities'])}")
+    options = dict(config.get("fusion") or {})
+    if not isinstance(options, dict):
+        raise ValueError("model.fusion: expected a mapping of FusionModel options")
+    embed_dim = config.get("embed_dim", 128)
+    check_size("model.embed_dim", embed_dim)
+    options.setdefault("embed_dim", embed_dim)
+    options.setdefault("init_temperature", config.get("init_temperature", 0.07))
+    options.setdefault("learn_temperature", config.get("learn_temperature", True))
+    options["image_size"] = spec["shapes"][0][-1]
+    options["independent"] = bool(independent or options.get("independent", False))
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return build_fusion_model(options)
+
+
 def build_model(config: dict, inputs, independent: bool = False, allow_import: bool = False, device=None) -> TwoTower:
     """A TwoTower from the ``model`` section of a config and its inputs: a dataset or an
     :func:`input_spec` (for input sizes). An empty encoder spec picks the modality's default:
     cnn (image), bow (text), mlp (vector). Sizes are checked first (a ValueError naming the key);
     ``device="meta"`` builds the model's shapes only (no memory; MiniLM, whose weights come from
     disk, is built for real), to compare with a file's tensors before the real model exists."""
-    modalities, (sample_a, sample_b) = _samples(inputs)
     if not isinstance(config, dict):
         raise ValueError(f"model: expected a mapping, got {type(config).__name__}")
+    kind = config.get("kind", "two_tower")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model.kind={kind!r} is not a model kind; valid: {', '.join(MODEL_KINDS)}")
+    if kind == "fusion":
+        return build_fusion(config, inputs, independent=independent, device=device)
+    modalities, (sample_a, sample_b) = _samples(inputs)
     embed_dim = config.get("embed_dim", 128)
     check_size("model.embed_dim", embed_dim)
     projection_hidden = config.get("projection_hidden", 0)

@@ -31,7 +31,11 @@ def test_errors_name_the_key_or_file(tmp_path):
     bad.write_text("optim:\n  epochz: 3\n")
     with pytest.raises(ValueError, match="epochz"):
         load_config(bad)
-    with pytest.raises(ValueError, match="packaged configs: emoji, gap, glyphs, tiny, uci"):
+    from plait.config import PACKAGED
+
+    packaged = ", ".join(sorted(p.stem for p in PACKAGED.glob("*.yaml")))
+    assert {"emoji", "gap", "glyphs", "tiny", "uci"} <= set(packaged.split(", "))
+    with pytest.raises(ValueError, match=f"packaged configs: {packaged}"):
         resolve_config_path("nope")
 
 
@@ -162,3 +166,77 @@ def test_fuzz_stored_configs_are_validated_or_refused(text):
     if config is not None:
         assert "${" not in to_yaml(config).replace("${name}", "")  # only the schema's own default remains
         assert ":" not in str(config.model.a.get("name", "")) and ":" not in str(config.model.b.get("name", ""))
+
+
+def _laughs(levels: int, where: str = "data:\n  options:\n") -> str:
+    """A "billion laughs" YAML: each level a list of 10 aliases of the one before (10**levels leaves)."""
+    lines = ['    a0: &a0 ["lol"]']
+    lines += [f"    a{n}: &a{n} [{', '.join(f'*a{n - 1}' for _ in range(10))}]" for n in range(1, levels + 1)]
+    return where + "\n".join(lines) + "\n"
+
+
+def test_alias_bombs_and_deep_nesting_are_refused_in_one_line_at_once(tmp_path):
+    """Nested aliases (10**6 values at 6 levels: a minute and a gigabyte to build) and 3000 levels of
+    nesting (a RecursionError) in a stored config, a config file and an override: one line, fast."""
+    import time
+
+    from plait.config import MAX_YAML_DEPTH, MAX_YAML_NODES
+
+    deep = "data:\n  options:\n    x: " + "[" * 3000 + "]" * 3000 + "\n"
+    start = time.perf_counter()
+    for text, message in ((_laughs(6), "line 4: an alias (*a0); aliases are refused here (plait never writes them)"),
+                          (_laughs(1), "line 4: an alias (*a0); aliases are refused here (plait never writes them)"),  # any
+                          (deep, f"line 3: nested more than {MAX_YAML_DEPTH} levels deep")):
+        with pytest.raises(ValueError) as caught:
+            load_stored_config(text, source="model.safetensors")
+        assert str(caught.value) == f"model.safetensors: the stored config is refused: {message}"
+    path = tmp_path / "bomb.yaml"
+    for text, message in ((_laughs(6), f"more than {MAX_YAML_NODES} values once its aliases are expanded"),
+                          (deep, f"line 3: nested more than {MAX_YAML_DEPTH} levels deep")):
+        path.write_text(text)
+        with pytest.raises(ValueError) as caught:
+            load_config(path)
+        assert str(caught.value) == f"config file {path} is refused: {message}"
+    with pytest.raises(ValueError, match=rf"^bad override 'model.a=\[\[\[.*': line 1: nested more than {MAX_YAML_DEPTH} levels deep$"):
+        load_config("tiny", ["model.a=" + "[" * 3000 + "]" * 3000])
+    with pytest.raises(ValueError, match=r"^bad override 'seed=\*x': line 1: an alias"):
+        load_config("tiny", ["seed=*x"])
+    assert time.perf_counter() - start < 5
+    # a user's own anchors within the bounds are YAML as usual
+    path.write_text("model:\n  a: &tower {name: mlp, hidden: [64], out_dim: 32}\n  b: *tower\n")
+    config = load_config(path)
+    assert config.model.b.hidden == [64] and config.model.b.name == "mlp"
+
+
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(depth=st.integers(1, 45), flow=st.booleans(), where=st.sampled_from(["stored", "file", "override"]))
+def test_fuzz_nesting_depth_is_bounded_exactly(depth, flow, where):
+    """A value nested ``depth`` lists deep loads while the document is at most MAX_YAML_DEPTH levels
+    (the mapping sections and the scalar count), and is refused in one line beyond."""
+    from plait.config import MAX_YAML_DEPTH
+
+    count("yaml depth")
+    value = "[" * depth + "1" + "]" * depth
+    if not flow:  # block style: "- - - 1"
+        value = "\n" + "      " + "- " * depth + "1" if depth else "1"
+    # the document's mappings (root, data, options), the lists, the scalar; an override's value alone: the lists and the scalar
+    levels = {"stored": 3, "file": 3, "override": 0}[where] + depth + 1
+    try:
+        if where == "stored":
+            loaded = load_stored_config(f"data:\n  options:\n    x: {value}\n", source="f").data.options.x
+        elif where == "file":
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / "c.yaml"
+                path.write_text(f"data:\n  options:\n    x: {value}\n")
+                loaded = load_config(path).data.options.x
+        else:
+            loaded = load_config(None, ["data.options.x=" + "[" * depth + "1" + "]" * depth]).data.options.x
+    except ValueError as error:
+        assert levels > MAX_YAML_DEPTH and f"nested more than {MAX_YAML_DEPTH} levels deep" in str(error), (levels, str(error))
+        assert "\n" not in str(error)
+        return
+    assert levels <= MAX_YAML_DEPTH, levels
+    for _ in range(depth):
+        assert len(loaded) == 1
+        loaded = loaded[0]
+    assert loaded == 1

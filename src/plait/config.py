@@ -129,6 +129,87 @@ class RunConfig:
 
 PACKAGED = Path(__file__).parent / "configs"
 
+# Bounds on any YAML plait reads: nesting depth, and nodes after aliases are expanded (a config
+# has a few hundred; a "billion laughs" file of nested aliases, x10 a level, would take minutes
+# and gigabytes to build). Stored configs (plait never writes aliases) may hold no alias at all.
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 10_000
+
+
+class _YamlLimit(ValueError):
+    pass
+
+
+def _bounded_loader(aliases: bool):
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """YAML's safe loader with a nesting bound, and aliases refused unless ``aliases``."""
+
+        depth = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                if not aliases:
+                    event = self.peek_event()
+                    raise _YamlLimit(f"line {event.start_mark.line + 1}: an alias (*{str(event.anchor)[:30]}); aliases are "
+                                     "refused here (plait never writes them)")
+                return super().compose_node(parent, index)
+            self.depth += 1
+            try:
+                if self.depth > MAX_YAML_DEPTH:
+                    mark = self.peek_event().start_mark
+                    raise _YamlLimit(f"line {mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep")
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return Loader
+
+
+def _expanded_nodes(node, limit: int) -> int:
+    """The node count of a composed YAML document with every alias expanded (shared nodes counted
+    each time they are reached), stopping past ``limit``; linear in the distinct nodes."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+
+    def size(item) -> int:
+        key = id(item)
+        if key in sizes:
+            return sizes[key]
+        total = 1
+        if isinstance(item, yaml.SequenceNode):
+            for child in item.value:
+                total += size(child)
+                if total > limit:
+                    break
+        elif isinstance(item, yaml.MappingNode):
+            for k, v in item.value:
+                total += size(k) + size(v)
+                if total > limit:
+                    break
+        sizes[key] = total
+        return total
+
+    return size(node)
+
+
+def safe_load_bounded(text: str, aliases: bool = True):
+    """``yaml.safe_load`` with :data:`MAX_YAML_DEPTH` and :data:`MAX_YAML_NODES` (after alias
+    expansion); ``aliases=False`` refuses any alias. A bound that is hit raises a ValueError
+    (``yaml.YAMLError`` for syntax errors, as safe_load)."""
+    loader = _bounded_loader(aliases)(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise _YamlLimit(f"more than {MAX_YAML_NODES} values once its aliases are expanded")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
 
 def resolve_config_path(path: str | Path) -> Path:
     """A YAML path, or the name of a packaged config (``emoji``, ``uci``, ``tiny``)."""
@@ -154,6 +235,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ValueError(f"override {item!r} is not of the form key=value")
+        try:
+            safe_load_bounded(item.split("=", 1)[1], aliases=False)  # the value's depth and aliases, before OmegaConf parses it
+        except _YamlLimit as error:
+            raise ValueError(f"bad override {item[:80]!r}: {error}") from None
+        except yaml.YAMLError:
+            pass  # OmegaConf's own parse names the problem
         try:
             dotlist = OmegaConf.from_dotlist([item])
         except (OmegaConfBaseException, yaml.YAMLError) as error:
@@ -191,10 +278,12 @@ def _read_yaml(path: Path) -> DictConfig:
     except OSError as error:
         raise ValueError(f"cannot read config file {path}: {error.strerror or error}") from None
     try:
-        data = yaml.safe_load(text)  # its shape first; OmegaConf's own dialect (1e-3 is a float) for the values
+        data = safe_load_bounded(text)  # its shape first (and bounds); OmegaConf's own dialect (1e-3 is a float) for the values
         if data is not None and not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping of sections (data:, model:, ...), got {type(data).__name__}")
         node = OmegaConf.create(text) if data else OmegaConf.create({})
+    except _YamlLimit as error:
+        raise ValueError(f"config file {path} is refused: {error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
@@ -224,8 +313,12 @@ def load_stored_config(text: str, source: str = "stored config", allow_import: b
 
     if not isinstance(text, str):
         raise ValueError(f"{source}: the stored config is not text")
+    if len(text) > 1 << 20:
+        raise ValueError(f"{source}: the stored config is {len(text)} characters long (at most {1 << 20}); refused")
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_bounded(text, aliases=False)
+    except _YamlLimit as error:
+        raise ValueError(f"{source}: the stored config is refused: {error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark is not None else ""

@@ -450,3 +450,18 @@ def test_undecodable_file_names_are_shown_escaped(tmp_path):
     assert ds.skipped == [{"row": "caf\\xe9.png", "source": str(folder), "reason": "caption file caf\\xe9.txt not found"}]
     report = json.loads(ds.write_skipped(tmp_path / "run").read_text(encoding="utf-8"))
     assert report["skipped"][0]["row"] == "caf\\xe9.png"
+
+
+def test_file_names_with_a_newline_are_shown_escaped_on_one_line(tmp_path):
+    """A file name may hold a newline (or a tab, an escape): the message naming it stays one line."""
+    folder = folder_with(tmp_path)
+    (folder / "bad\nname.png").write_bytes(b"not an image")
+    (folder / "bad\nname.txt").write_text("a caption")
+    (folder / "tab\there.png").write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(ValueError) as caught:
+        FolderPairDataset(folder)
+    message = str(caught.value)
+    assert "\n" not in message and "\t" not in message
+    assert "image bad\\nname.png: cannot decode image " in message and "(1 more bad rows)" in message
+    ds = FolderPairDataset(folder, bad_rows="skip", image_size=4)
+    assert sorted(r["row"] for r in ds.skipped) == ["bad\\nname.png", "tab\\there.png"]

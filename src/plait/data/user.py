@@ -139,8 +139,13 @@ def _value_problem(value: str, column: str) -> str:
 
 
 def printable(text: str) -> str:
-    """``text`` with the undecodable bytes of a file name (lone surrogates) shown as ``\\xe9``."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """``text`` with the undecodable bytes of a file name (lone surrogates) shown as ``\\xe9`` and
+    control characters (a newline in a file name) as ``repr`` shows them (``\\n``): a message
+    naming a file stays one line."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def _inside(path: Path, base: str) -> bool:
@@ -233,7 +238,7 @@ class _UserDataset(ImagePairDataset):
             raise ValueError(printable(message))
         table.good = [n for n, r in enumerate(rows) if not r.error]
         if not table.good:
-            raise ValueError(f"{table.source}: no usable rows ({len(rows)} rows, {len(bad)} bad)")
+            raise ValueError(printable(f"{table.source}: no usable rows ({len(rows)} rows, {len(bad)} bad)"))
         table.arrays = arrays
         table.position = {n: k for k, n in enumerate(to_decode)}
         return table

@@ -79,6 +79,25 @@ def test_itm_with_identical_captions_uses_positives_only():
     torch.testing.assert_close(terms["itm"], F.cross_entropy(logits, torch.ones(4, dtype=torch.long)), rtol=1e-5, atol=1e-6)
 
 
+def test_itm_is_the_cross_entropy_of_b_positives_and_2b_drawn_negatives_by_hand():
+    model = tiny()
+    model.eval()  # no state change; the draws come from the generator passed in
+    images, texts, index = batch(8)
+    terms, f = model.pretrain_step(images, texts, index, generator=torch.Generator().manual_seed(4), return_features=True)
+    generator = torch.Generator().manual_seed(4)  # replay the step's draws: masking first, then the two samplers
+    mask_tokens(*model.tokenize(texts), generator)
+    forbidden = same_caption(texts, index)
+    negative_text = sample_hard_negatives(f.logit_scale * f.a @ f.b_aug.T, forbidden, generator)[0][:, 0]
+    negative_image = sample_hard_negatives(f.logit_scale * f.b @ f.a_aug.T, forbidden, generator)[0][:, 0]
+    assert texts[1] == texts[5] and negative_text[1] != 5 and negative_image[5] != 1  # "red apple" twice
+    pair_images = torch.cat([images, images, images[negative_image]])
+    pair_texts = texts + [texts[j] for j in negative_text] + texts
+    with torch.no_grad():
+        logits = model.match_logits(pair_images, pair_texts)
+    labels = torch.cat([torch.ones(8), torch.zeros(16)]).long()
+    torch.testing.assert_close(terms["itm"], F.cross_entropy(logits, labels), rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------- MLM masking
 def test_mask_tokens_statistics_and_special_tokens():
     generator = torch.Generator().manual_seed(0)
@@ -105,6 +124,28 @@ def test_mask_tokens_statistics_and_special_tokens():
         assert abs(count / n - p) < 5 * math.sqrt(p * (1 - p) / n), (count, n, p)
     again = mask_tokens(ids, mask, torch.Generator().manual_seed(3))
     assert torch.equal(again[0], corrupted) and torch.equal(again[1], labels)  # reproducible from the generator
+
+
+def test_mlm_loss_with_momentum_distillation_by_hand():
+    """At init the momentum model equals the online one, so the soft targets are the model's own
+    predictions: mlm = (1 - alpha) CE + alpha H(p) at the masked positions."""
+    model = tiny(mlm_probability=0.5)
+    model.eval()
+    images, texts, index = batch(8)
+    alpha = 0.4
+    terms = model.pretrain_step(images, texts, index, alpha=alpha, generator=torch.Generator().manual_seed(6))
+    ids, mask = model.tokenize(texts)
+    corrupted, labels = mask_tokens(ids, mask, torch.Generator().manual_seed(6), probability=0.5)
+    chosen = labels != IGNORE
+    assert chosen.any()
+    with torch.no_grad():
+        fused = model.fusion(model.text_encoder(corrupted, mask), mask, model.image_encoder(images))
+        logits = model.mlm_head(fused[chosen], model.text_encoder.embeddings.word.weight)
+    log_p = F.log_softmax(logits, dim=-1)
+    expected = (1 - alpha) * F.cross_entropy(logits, labels[chosen]) + alpha * -(log_p.exp() * log_p).sum(-1).mean()
+    torch.testing.assert_close(terms["mlm"], expected, rtol=1e-4, atol=1e-5)
+    plain = model.pretrain_step(images, texts, index, alpha=0.0, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(plain["mlm"], F.cross_entropy(logits, labels[chosen]), rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- momentum, queue, state
@@ -386,6 +427,20 @@ def test_build_fusion_model_from_a_config_section():
         build_fusion_model({"preset": "tiny", "depth": 3})
     with pytest.raises(ValueError, match="unknown fusion preset"):
         build_fusion_model({"preset": "huge"})
+
+
+def test_model_contract_and_the_evaluation_suite_embed():
+    from plait.evaluate.suite import embed
+
+    model = tiny()
+    images, texts, index = batch(8)
+    terms = model.step((index, images, texts))
+    assert set(terms) >= {"loss", "itc", "itm", "mlm", "alpha", "itm_accuracy", "mlm_accuracy"}
+    torch.testing.assert_close(terms["loss"], terms["itc"] + terms["itm"] + terms["mlm"])
+    model.after_step()
+    za, zb = embed(model, [(i, images[i], texts[i]) for i in range(8)], batch_size=4, device=torch.device("cpu"))
+    assert za.shape == zb.shape == (8, 16)
+    torch.testing.assert_close(za, model.encode_image(images).detach(), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------- sanity: it learns

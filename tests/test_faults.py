@@ -4,6 +4,7 @@ and data without a test split. All on the tiny config (digits 8x8, 16-item batch
 
 import errno
 import json
+import os
 
 import pytest
 import torch
@@ -315,6 +316,13 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint_and_says_so
     ("eval.label=colour", "eval.label='colour' is not a label set of the digits data; valid: digit"),
     ("train.device=gpu", "train.device='gpu' is not a device plait runs on; valid: auto, cpu, cuda, cuda:N (N: a GPU's index), mps"),
     ("train.precision=fp8", "train.precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+    # evaluation settings that would fail only after training
+    ("eval.features=bogus", "eval.features='bogus' is not valid: valid: shared, independent, both"),
+    ("eval.batch_size=0", "eval.batch_size=0 is not valid: it must be a positive integer"),
+    ("eval.few_shot=[-1]", "eval.few_shot=[-1] is not valid: it must be a list of positive integers"),
+    ("eval.few_shot_seeds=-1", "eval.few_shot_seeds=-1 is not valid: it must be a positive integer"),
+    ("eval.gallery=-1", "eval.gallery=-1 is not valid: it must be >= 0"),
+    ("eval.features=independent", "eval.features='independent' needs a model with independent heads"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, override, expected):
     run = tmp_path / "run"
@@ -385,3 +393,191 @@ def test_config_differences_and_the_data_fingerprint():
     assert first == data_fingerprint(dataset, batch_size=7) and first["size"] == len(dataset)
     dataset.texts[5] = dataset.texts[5] + " "
     assert data_fingerprint(dataset)["sha256"] != first["sha256"]
+
+
+# ------------------------------------------------------------------------------ review: runs, checkpoints, bad input
+def test_a_resume_from_another_runs_checkpoint_never_replaces_the_run_in_output_dir(tmp_path, capsys):
+    """`--resume OTHER/checkpoint.pt` into an output_dir that holds a run is refused naming both;
+    into an empty output_dir it forks OTHER's run there; naming output_dir's own checkpoint is --resume."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    train(_config(first, *FAST))
+    train(_config(second, *FAST, "optim.lr=0.01"))
+    kept = {name: (second / name).read_bytes() for name in ("checkpoint.pt", "model.safetensors", "eval.json", "metrics.jsonl")}
+    capsys.readouterr()
+    assert main(["train", "tiny", f"output_dir={second}", *FAST, "--resume", str(first / "checkpoint.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--resume {first / 'checkpoint.pt'} continues another run's checkpoint" in err
+    assert f"output_dir {second} already holds a run" in err and "which the resumed run would replace" in err
+    assert {name: (second / name).read_bytes() for name in kept} == kept
+    with pytest.raises(ValueError, match="continues another run's checkpoint"):
+        train(_config(second, *FAST), resume=str(first / "checkpoint.pt"))
+    # forking into an empty directory, and the run's own checkpoint spelled out, are fine
+    assert train(_config(tmp_path / "fork", *FAST), resume=str(first / "checkpoint.pt")) == \
+        json.loads((first / "eval.json").read_text())["metrics"]
+    assert train(_config(second, *FAST, "optim.lr=0.01"), resume=str(second / "checkpoint.pt")) == \
+        json.loads((second / "eval.json").read_text())["metrics"]
+
+
+def _crafted_checkpoints(path):
+    """(name, change, message) of checkpoints a resume must refuse before loading anything."""
+    def optimizer_shape(state):
+        entry = next(iter(state["optimizer"]["state"].values()))
+        entry["exp_avg"] = torch.zeros(3, 3)
+
+    return [
+        ("no progress", lambda s: s.pop("progress"), "progress is missing"),
+        ("step of another type", lambda s: s["progress"].update(step="x"), "progress.step is 'x', not an integer >= 0"),
+        ("negative step", lambda s: s["progress"].update(step=-100), "progress.step is -100, not an integer >= 0"),
+        ("batch beyond the epoch", lambda s: s["progress"].update(batch_in_epoch=10**9),
+         "progress says step 2 at epoch 0, batch 1000000000, which does not fit this run's"),
+        ("step off its epoch", lambda s: s["progress"].update(step=5), "progress says step 5 at epoch 0, batch 2"),
+        ("torn window", lambda s: s["progress"].update(window_losses=[float("nan")]), "progress.window_losses is not a list"),
+        ("bad rng", lambda s: s.update(rng={"torch": torch.zeros(3, dtype=torch.uint8)}), "rng is not a random state plait wrote"),
+        ("short torch rng", lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), "rng is not a random state plait wrote (torch:"),
+        ("bad python rng", lambda s: s["rng"].update(python=(3, (1, 2), None)), "rng is not a random state plait wrote (python:"),
+        ("empty loss state", lambda s: s.update(loss={}), "loss does not fit this run's loss: "),
+        ("loss of another type", lambda s: s.update(loss=[1]), "loss is a list, not a dict"),
+        ("empty optimizer", lambda s: s.update(optimizer={"state": {}, "param_groups": []}),
+         "optimizer.param_groups do not match this run's parameter groups"),
+        ("optimizer state of another shape", optimizer_shape, "has shape (3, 3), its parameter"),
+        ("scheduler elsewhere", lambda s: s["scheduler"].update(last_epoch=40), "scheduler.last_epoch is 40, not the step 2"),
+        ("no model", lambda s: s.pop("model"), "model is missing"),
+    ]
+
+
+def test_corrupt_or_crafted_checkpoints_are_refused_naming_the_key_before_anything_is_loaded(tmp_path):
+    from plait.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    _checkpointed(run, *FAST)
+    good = load_checkpoint(run / "checkpoint.pt")
+    for name, change, message in _crafted_checkpoints(run):
+        state = {k: v for k, v in load_checkpoint(run / "checkpoint.pt").items() if k != "format"}
+        change(state)
+        path = tmp_path / f"{name.replace(' ', '-')}.pt"
+        save_checkpoint(path, state)
+        trainer = Trainer(_config(tmp_path / "new", *FAST))
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        with pytest.raises(ValueError) as caught:
+            trainer.resume(path)
+        text = str(caught.value)
+        assert message in text and "\n" not in text and text.startswith(f"cannot resume from {path}"), (name, text)
+        assert trainer.step == 0 and all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items()), name
+    assert good["progress"]["step"] == 2  # the checkpoint itself resumes
+    resumed = Trainer(_config(run, *FAST))
+    resumed.resume()
+    assert resumed.step == 2
+
+
+def test_output_dir_that_is_a_file_or_unwritable_and_eval_out_at_a_file_are_one_line(tmp_path, monkeypatch, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for target, message in ((afile, f"output_dir {afile} is a file, not a directory"),
+                            (afile / "run", f"output_dir {afile / 'run'} cannot be created: {afile} is a file, not a directory")):
+        capsys.readouterr()
+        assert main(["train", "tiny", f"output_dir={target}", *FAST]) == 2
+        assert capsys.readouterr().err == f"plait: error: {message}\n"
+    assert afile.read_text() == "mine"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(locked) else real_access(path, mode))
+    assert main(["train", "tiny", f"output_dir={locked / 'run'}", *FAST]) == 2
+    assert f"cannot be created: {locked} is not writable (permission denied)" in capsys.readouterr().err
+    run = tmp_path / "run"
+    train(_config(run, *FAST))
+    capsys.readouterr()
+    assert main(["eval", str(run / "model.safetensors"), "--out", str(afile)]) == 2
+    assert capsys.readouterr().err == f"plait: error: --out {afile} is a file, not a directory\n"
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to("/dev/full")  # every append fails: No space left on device
+    assert main(["train", "tiny", f"output_dir={run}", *FAST, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"plait: error: could not append to {run / 'metrics.jsonl'}: No space left on device (step 2; ")
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["data.augment.image=true", "data.augment.image_options.foo=1"],
+     "data.augment.image_options has no option 'foo'; the image augmentation's options: crop_scale, flip, jitter, blur, seed"),
+    (["data.augment.image=true", "data.augment.image_options.crop_scale=5"],
+     "data.augment.image_options.crop_scale=5 is not valid: it must be [min, max] with 0 < min <= max <= 1"),
+    (["data.augment.image=true", "data.augment.image_options.crop_scale=[0.5,2]"], "data.augment.image_options: "),
+    (["data.augment.text=true", "data.augment.text_options.p_delete=3"], "data.augment.text_options: "),
+    (["model.embed_dim=-5"], "model.embed_dim=-5 is not valid"),
+    (["model.a.hidden=[-1]"], "model.a.hidden[0]=-1 is not valid"),
+    (["model.projection_hidden=-1"], "model.projection_hidden=-1 is not valid"),
+])
+def test_bad_augmentation_options_and_sizes_are_one_line_before_anything_is_written(tmp_path, capsys, overrides, expected):
+    run = tmp_path / "run"
+    assert main(["train", "tiny", f"output_dir={run}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+    assert not run.exists()
+
+
+def test_resume_allows_moved_data_another_cache_and_the_same_precision_and_refuses_another_precision(tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    for i in range(24):
+        Image.new("RGB", (8, 8), color=(10 * i, 100, 200 - 8 * i)).save(data / "img" / f"{i}.png")
+    (data / "pairs.csv").write_text("image,text\n" + "".join(f"img/{i}.png,swatch {i}\n" for i in range(24)))
+    common = ["data.name=csv", "data.options.image_size=8", "data.options.test_fraction=0.25", "data.batch_size=6", *FAST]
+    run = tmp_path / "run"
+    _checkpointed(run, f"data.options.path={data / 'pairs.csv'}", *common)
+    moved = tmp_path / "moved"
+    shutil.move(str(data), moved)
+    resumed = Trainer(_config(run, f"data.options.path={moved / 'pairs.csv'}", f"data.options.cache_dir={tmp_path / 'cache'}",
+                              "train.precision=fp32", *common))
+    resumed.resume()  # the fingerprint proves the moved data the same; auto and fp32 are both fp32 on the CPU
+    assert resumed.step == 2
+    with pytest.raises(ValueError, match=r"train.precision: the checkpoint trained in fp32, this run would use bf16 "
+                                         r"\(train.precision=bf16 on cpu\); set train.precision=fp32 to resume it here"):
+        Trainer(_config(run, f"data.options.path={moved / 'pairs.csv'}", "train.precision=bf16", *common)).resume()
+    (moved / "pairs.csv").write_text("image,text\n" + "".join(f"img/{i}.png,patch {i}\n" for i in range(24)))
+    with pytest.raises(ValueError, match="the training data differ from the checkpoint's"):  # moved and changed: refused
+        Trainer(_config(run, f"data.options.path={moved / 'pairs.csv'}", *common)).resume()
+
+
+def test_a_checkpoint_from_a_gpu_run_is_resumed_in_its_precision_and_its_random_states_load_on_the_cpu(tmp_path, monkeypatch):
+    """A checkpoint written before the precision was stored, by a run on cuda with precision auto,
+    trained in bf16: resuming it in fp32 is refused. Random states come back as CPU bytes whatever
+    device or dtype the checkpoint's tensors were mapped to."""
+    import random
+
+    import numpy as np
+
+    import plait.train
+    from plait import runtime
+    from plait.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    _checkpointed(run, *FAST)
+    state = {k: v for k, v in load_checkpoint(run / "checkpoint.pt").items() if k not in ("format", "precision")}
+    state["config"] = state["config"].replace("device: auto", "device: cuda")
+    save_checkpoint(tmp_path / "gpu.pt", state)
+    with pytest.raises(ValueError, match="train.precision: the checkpoint trained in bf16, this run would use fp32"):
+        Trainer(_config(tmp_path / "new", "train.device=cpu", *FAST)).resume(tmp_path / "gpu.pt")
+    # the trainer reads checkpoints onto the CPU (set_rng_state needs CPU bytes; load_state_dict moves the rest)
+    seen = []
+    real = plait.train.load_checkpoint
+    monkeypatch.setattr(plait.train, "load_checkpoint", lambda path, map_location="cpu": seen.append(map_location) or real(path, map_location))
+    Trainer(_config(run, *FAST)).resume()
+    assert seen == ["cpu"]
+    # set_rng_state takes a state whose tensors are of another dtype (as after another map_location)
+    saved = runtime.rng_state()
+    expected = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    moved = {**saved, "torch": saved["torch"].to(torch.int64), "numpy": {**saved["numpy"], "keys": saved["numpy"]["keys"].to(torch.int32)}}
+    torch.rand(5), np.random.rand(3), random.random()
+    runtime.check_rng_state(moved)
+    runtime.set_rng_state(moved)
+    assert torch.equal(torch.get_rng_state(), expected[0]) and (np.random.get_state()[1] == expected[1]).all()
+    assert random.getstate() == expected[2]

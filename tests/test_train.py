@@ -291,3 +291,22 @@ def test_trainers_of_one_config_start_from_the_same_python_random_state(tmp_path
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert result.stdout.strip() == "True", result.stderr[-2000:]
+
+
+def test_evaluations_during_training_leave_the_random_stream_alone(tmp_path):
+    """With dropout (which draws from torch's global RNG), a run with staleness passes and periodic
+    evaluations trains the same weights as one without: changing these resumable keys must not
+    change the training."""
+    common = ["model.a.dropout=0.5", "optim.epochs=3", "optim.max_steps=null", "data.batch_size=256", "eval.tasks=[retrieval]",
+              "data.validation_fraction=0.2"]
+    weights = []
+    for name, extra in (("plain", ["train.staleness_every_epochs=0", "train.eval_every_epochs=0"]),
+                        ("evaluated", ["train.staleness_every_epochs=1", "train.eval_every_epochs=1"])):
+        trainer = Trainer(_config(tmp_path / name, *common, *extra))
+        trainer.train_until(trainer.total_steps)
+        weights.append(trainer.model.state_dict())
+    records = [json.loads(line) for line in (tmp_path / "evaluated" / "metrics.jsonl").read_text().splitlines()]
+    assert {r.get("split") for r in records} >= {"staleness", "validation"}  # the passes did run
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key

@@ -77,14 +77,52 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+def _cpu_bytes(tensor) -> torch.Tensor:
+    """A random state as torch wants it: a CPU uint8 tensor (a checkpoint loaded with another
+    map_location may hold it on a GPU)."""
+    return tensor.detach().to("cpu", torch.uint8)
+
+
+def check_rng_state(state) -> None:
+    """A state of :func:`rng_state`'s form, each part loadable: tried on throwaway generators (the
+    global random state is untouched). A ValueError names the part."""
+    if not isinstance(state, dict) or not {"torch", "numpy", "python"} <= set(state):
+        raise ValueError("torch, numpy or python is missing")
+    try:
+        torch.Generator().set_state(_cpu_bytes(state["torch"]))
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise ValueError(f"torch: {str(error).splitlines()[0][:120] if str(error) else type(error).__name__}") from None
     numpy = state["numpy"]
-    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+    try:
+        np.random.RandomState().set_state((numpy["kind"], numpy["keys"].cpu().numpy().astype(np.uint32), numpy["position"],
+                                           numpy["has_gauss"], numpy["cached"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"numpy: {type(error).__name__} {str(error)[:120]}") from None
+    try:
+        random.Random().setstate(_as_tuples(state["python"]))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"python: {str(error)[:120]}") from None
+    cuda = state.get("cuda")
+    if cuda is not None:
+        if not (isinstance(cuda, (list, tuple)) and all(torch.is_tensor(t) and t.dim() == 1 for t in cuda)):
+            raise ValueError("cuda: not a list of generator states")
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`'s states (tensors on any device or of another integer dtype are
+    brought back to CPU uint8 first)."""
+    torch.set_rng_state(_cpu_bytes(state["torch"]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].cpu().numpy().astype(np.uint32), numpy["position"],
                          numpy["has_gauss"], numpy["cached"]))
     random.setstate(_as_tuples(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = [_cpu_bytes(t) for t in state["cuda"]]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:  # another number of GPUs: the states of the devices both have
+            for index, t in enumerate(cuda[:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(t, index)
 
 
 def _as_tuples(value):

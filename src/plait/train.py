@@ -21,6 +21,7 @@ import copy
 import inspect
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -32,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from plait import runtime
-from plait.atomic import atomic_write_text, temp_files
+from plait.atomic import WriteError, atomic_write_text, display_path, temp_files
 from plait.checkpoint import export_weights, load_checkpoint, save_checkpoint
 from plait.config import from_yaml, to_yaml
 from plait.models.contract import Batch, ObjectiveError
@@ -50,6 +51,11 @@ RESUME_MAY_CHANGE = (
     "train.log_every", "train.eval_every_epochs", "train.staleness_every_epochs", "train.checkpoint_every_epochs",
     "train.checkpoint_every_steps", "train.tensorboard", "train.progress", "train.on_nonfinite", "eval",
 )
+# Where the training data live, not what they are: a resume may change these when the checkpoint's
+# data fingerprint proves the data the same (moved data); the cache directory may always change.
+# train.precision may change as long as the autocast dtype it resolves to stays the same.
+DATA_LOCATION = ("data.options.path", "data.options.test_path")
+ALWAYS_MAY_CHANGE = ("data.options.cache_dir", "train.precision")
 NONFINITE_POLICIES = ("stop", "skip")
 MAX_CONSECUTIVE_SKIPS = 20  # train.on_nonfinite=skip stops anyway after this many skipped steps in a row
 
@@ -130,9 +136,7 @@ def build_objective(config: DictConfig, dataset_size: int) -> nn.Module:
 def check_settings(config: DictConfig) -> None:
     """Refuse values that would fail (or silently misbehave) only later in a run; a ValueError names
     the key and the value. Checks that need the data (batch size, eval.label) are in ``Trainer``."""
-    from plait.evaluate.suite import TASKS
-
-    optim, train_, evaluation = config.optim, config.train, config.eval
+    optim, train_ = config.optim, config.train
 
     def refuse(key: str, value, wanted: str) -> None:
         raise ValueError(f"{key}={value!r} is not valid: {wanted}")
@@ -159,6 +163,22 @@ def check_settings(config: DictConfig) -> None:
             refuse(f"train.{key}", train_[key], "it must be >= 0 (0: never)")
     if train_.on_nonfinite not in NONFINITE_POLICIES:
         refuse("train.on_nonfinite", train_.on_nonfinite, f"valid: {', '.join(NONFINITE_POLICIES)}")
+    check_eval_settings(config)
+
+
+def check_eval_settings(config: DictConfig) -> None:
+    """The ``eval`` section's values (``plait train`` before anything is written, ``plait eval``
+    before anything is read): a ValueError naming the key and the value."""
+    from plait.evaluate.suite import FEATURES, TASKS
+
+    evaluation = config.eval
+
+    def refuse(key: str, value, wanted: str) -> None:
+        raise ValueError(f"{key}={value!r} is not valid: {wanted}")
+
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
     unknown = [task for task in evaluation.tasks if task not in TASKS]
     if unknown:
         raise ValueError(f"eval.tasks has unknown task(s) {', '.join(map(repr, unknown))}; valid: {', '.join(TASKS)}")
@@ -166,23 +186,67 @@ def check_settings(config: DictConfig) -> None:
         raise ValueError(f"eval.split must be 'test' or 'validation', got {evaluation.split!r}")
     if evaluation.split == "validation" and not config.data.validation_fraction:
         raise ValueError("eval.split=validation needs data.validation_fraction > 0")
+    if evaluation.features not in FEATURES:
+        refuse("eval.features", evaluation.features, f"valid: {', '.join(FEATURES)}")
+    if not (integer(evaluation.batch_size) and evaluation.batch_size >= 1):
+        refuse("eval.batch_size", evaluation.batch_size, "it must be a positive integer")
+    if not (integer(evaluation.gallery) and evaluation.gallery >= 0):
+        refuse("eval.gallery", evaluation.gallery, "it must be >= 0 (the number of gallery queries; 0: none)")
+    shots = list(evaluation.few_shot)
+    if not all(integer(k) and k >= 1 for k in shots):
+        refuse("eval.few_shot", shots, "it must be a list of positive integers (shots per class)")
+    if not (integer(evaluation.few_shot_seeds) and evaluation.few_shot_seeds >= 1):
+        refuse("eval.few_shot_seeds", evaluation.few_shot_seeds, "it must be a positive integer")
 
 
 def existing_outputs(run_dir: str | Path) -> list[str]:
     """The files of ``GUARDED`` that ``run_dir`` already holds (another run's results)."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
     return [name for name in GUARDED if (run_dir / name).exists()]
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _check_writable(run_dir: Path) -> None:
+    """``output_dir`` can be a directory plait writes in: not a file, nor under one, nor read-only."""
+    shown = display_path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"output_dir {shown} is a file, not a directory")
+    probe = run_dir
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"output_dir {shown} cannot be created: {display_path(probe)} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == run_dir else f"cannot be created: {display_path(probe)} is not writable"
+        raise ValueError(f"output_dir {shown} {what} (permission denied)")
+
+
 def check_run_dir(run_dir: str | Path, resume, overwrite: bool) -> None:
-    """Refuse to start a new run over another one's files unless told to resume or overwrite."""
+    """Refuse to start a new run over another one's files unless told to resume or overwrite, and
+    a resume from another run's checkpoint into an ``output_dir`` that holds a run (it would replace
+    that run). ``resume``: False, True (``output_dir/checkpoint.pt``) or a checkpoint's path."""
+    run_dir = Path(run_dir)
+    shown = display_path(run_dir)
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: --resume continues the run in output_dir, "
                          "--overwrite deletes it and starts again")
+    _check_writable(run_dir)
     found = existing_outputs(run_dir)
     if found and not resume and not overwrite:
-        raise ValueError(f"output_dir {run_dir} already holds a run ({', '.join(found)}); continue it with --resume, "
+        raise ValueError(f"output_dir {shown} already holds a run ({', '.join(found)}); continue it with --resume, "
                          "or delete it and start again with --overwrite (or choose another output_dir)")
+    if found and resume not in (None, False, True) and not _same_file(Path(resume), run_dir / "checkpoint.pt"):
+        raise ValueError(f"--resume {display_path(resume)} continues another run's checkpoint, but output_dir {shown} already "
+                         f"holds a run ({', '.join(found)}), which the resumed run would replace; resume into an empty "
+                         f"output_dir, or continue the run there with --resume alone ({display_path(run_dir / 'checkpoint.pt')})")
 
 
 def remove_outputs(run_dir: str | Path) -> list[Path]:
@@ -224,6 +288,28 @@ def _show(value) -> str:
 
 
 _UNSET = object()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0][:200] if text else type(error).__name__)
+
+
+def _precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def _saved_autocast(state: dict, saved: DictConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a checkpoint trained in: stored since plait records it; before, its
+    ``train.precision`` resolved on its ``train.device`` (auto: assumed to be this machine's)."""
+    names = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if state.get("precision") in names:
+        return names[state["precision"]]
+    precision, where = saved.train.precision, str(saved.train.device)
+    if precision in names:
+        return names[precision]
+    kind = device.type if where == "auto" else ("cuda" if where.startswith("cuda") else where)
+    return torch.bfloat16 if kind == "cuda" else None
 
 
 def config_differences(saved: DictConfig, current: DictConfig, may_change=RESUME_MAY_CHANGE) -> list[tuple[str, object, object]]:
@@ -330,6 +416,9 @@ class Trainer:
             raise ValueError(f"eval.label={label!r} is not a label set of the {config.data.name} data; valid: {have}")
 
         self.loss_fn = build_objective(config, len(self.train_set)).to(self.device)
+        if config.eval.features != "shared" and not self.loss_fn.needs_independent:
+            raise ValueError(f"eval.features={config.eval.features!r} needs a model with independent heads, which only a "
+                             "separation regularizer gives (regularizers=[{name: separation, ...}]); use eval.features=shared")
         self.inputs = input_spec(self.train_set)  # stored with the weights: a saved model is rebuilt without its data
         self.model = build_model(OmegaConf.to_container(config.model, resolve=True), self.inputs,
                                  independent=self.loss_fn.needs_independent, allow_import=allow_import).to(self.device)
@@ -362,6 +451,7 @@ class Trainer:
         self._window_samples = 0
         self.last_checkpoint: tuple[Path, int] | None = None  # (path, step) of the latest save or resume
         self._resumed = False
+        self._resumed_from: bool | Path = False  # True: output_dir/checkpoint.pt; a Path: the checkpoint given
         self.metrics_lines = 0  # lines this run has in metrics.jsonl (a checkpoint stores it; a resume truncates to it)
         self._fingerprint = None
         self._writer = None
@@ -401,13 +491,27 @@ class Trainer:
         augment = self.config.data.augment
         if not (augment[modality] or self.loss_fn.needs_augmented):
             return None
+        key = f"data.augment.{modality}_options"
         options = OmegaConf.to_container(augment[f"{modality}_options"], resolve=True) or {}
         options.setdefault("seed", self.config.seed + (0 if side == "a" else 1))
-        if modality == "image":
-            return ImageAugment(image_size=self.train_set.image_size, **options).to(self.device)
-        if modality == "text":
-            return TextAugment(**options)
-        return VectorAugment(**options)
+        cls = {"image": ImageAugment, "text": TextAugment}.get(modality, VectorAugment)
+        accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "image_size")]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ValueError(f"{key} has no option {', '.join(map(repr, unknown))}; the {modality} augmentation's options: "
+                             f"{', '.join(accepted)}")
+        scale = options.get("crop_scale")
+        if scale is not None and not (isinstance(scale, (list, tuple)) and len(scale) == 2
+                                      and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scale)):
+            raise ValueError(f"{key}.crop_scale={scale!r} is not valid: it must be [min, max] with 0 < min <= max <= 1")
+        if scale is not None:
+            options["crop_scale"] = tuple(scale)
+        try:
+            if modality == "image":
+                return ImageAugment(image_size=self.train_set.image_size, **options).to(self.device)
+            return cls(**options)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{key}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
 
     def _augmented(self, side: str, x, index):
         if self.train_set.modalities[0 if side == "a" else 1] == "text":
@@ -576,6 +680,7 @@ class Trainer:
                          "window_losses": [float(x) for x in self._window_losses], "window_samples": self._window_samples},
             "momentum_model": self.momentum_model.state_dict() if self.momentum_model is not None else {},
             "data": self.data_fingerprint,
+            "precision": _precision_name(self.amp_dtype),  # the autocast dtype it trained in (a resume keeps it)
         }
 
     @property
@@ -585,24 +690,30 @@ class Trainer:
             self._fingerprint = data_fingerprint(self.train_set)
         return self._fingerprint
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict, source: str = "the checkpoint") -> None:
+        """Load a checkpoint's state (checked first by :meth:`check_checkpoint`: nothing is loaded from a
+        malformed one). A part that still does not load is one ValueError naming it."""
+        self.check_checkpoint(state, source)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as error:  # another tower shape (image size, vocabulary, ...)
             reason = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line or "Missing" in line),
                           str(error).splitlines()[0])
             raise ValueError(f"the checkpoint's model does not fit this config's model: {reason.rstrip(':.')}") from None
-        if self.momentum_model is not None:
-            if not state.get("momentum_model"):
-                raise ValueError("the checkpoint has no momentum encoder, but train.bank_momentum > 0; resume with the settings it was trained with")
-            self.momentum_model.load_state_dict(state["momentum_model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.loss_fn.load_state_dict(state["loss"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        parts = [
+            ("momentum_model", lambda: self.momentum_model.load_state_dict(state["momentum_model"]) if self.momentum_model is not None else None),
+            ("optimizer", lambda: self.optimizer.load_state_dict(state["optimizer"])),
+            ("scheduler", lambda: self.scheduler.load_state_dict(state["scheduler"])),
+            ("loss", lambda: self.loss_fn.load_state_dict(state["loss"])),
+            ("scaler", lambda: self.scaler.load_state_dict(state["scaler"]) if self.scaler is not None and state.get("scaler") else None),
+        ]
+        for part, load in parts:
+            try:
+                load()
+            except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
+                raise ValueError(f"cannot resume from {source}: its {part} state does not load ({_first_line(error)})") from None
         for side, module in self.augment.items():
-            if module is not None and side in state["augment"]:
+            if module is not None and side in (state.get("augment") or {}):
                 module.set_state(state["augment"][side])
         runtime.set_rng_state(state["rng"])
         progress = state["progress"]
@@ -611,6 +722,109 @@ class Trainer:
         self.consecutive_skips = progress.get("consecutive_skips", 0)
         self._window_losses[:] = [torch.tensor(x, dtype=torch.float32) for x in progress.get("window_losses", [])]
         self._window_samples = int(progress.get("window_samples", 0))
+
+    def check_checkpoint(self, state: dict, source: str = "the checkpoint") -> None:
+        """The checkpoint's structure, types and value ranges, before anything is loaded from it: the
+        parts a resume needs, each of the right type; the training position consistent with this run
+        (step = epoch x steps per epoch + batch, within the schedule, the scheduler at that step);
+        every random state loadable; the model's, the loss's and the optimizer's tensors of this run's
+        shapes. A ValueError names the key."""
+
+        def refuse(key: str, what: str) -> None:
+            raise ValueError(f"cannot resume from {source}: {key} {what} (a corrupt or crafted checkpoint?)")
+
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for key, kind in (("model", dict), ("optimizer", dict), ("scheduler", dict), ("loss", dict), ("rng", dict),
+                          ("progress", dict), ("config", str)):
+            if key not in state:
+                refuse(key, "is missing")
+            if not isinstance(state[key], kind):
+                refuse(key, f"is a {type(state[key]).__name__}, not a {kind.__name__}")
+        for key in ("augment", "scaler", "momentum_model"):
+            if key in state and not isinstance(state[key], dict):
+                refuse(key, f"is a {type(state[key]).__name__}, not a dict")
+        progress = state["progress"]
+        for key in ("step", "epoch", "batch_in_epoch"):
+            if key not in progress:
+                refuse(f"progress.{key}", "is missing")
+        for key in ("step", "epoch", "batch_in_epoch", "skipped_steps", "consecutive_skips", "window_samples", "metrics_lines"):
+            value = progress.get(key, 0)
+            if not ((integer(value) and 0 <= value <= 10**12) or (key == "metrics_lines" and value is None)):
+                refuse(f"progress.{key}", f"is {value!r:.40}, not an integer >= 0")
+        window = progress.get("window_losses", [])
+        if not (isinstance(window, list) and len(window) <= 10**6
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in window)):
+            refuse("progress.window_losses", "is not a list of finite numbers")
+        step, epoch, batch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
+        if batch > self.steps_per_epoch or step != epoch * self.steps_per_epoch + batch or step > self.schedule_steps:
+            refuse("progress", f"says step {step} at epoch {epoch}, batch {batch}, which does not fit this run's "
+                               f"{self.steps_per_epoch} steps per epoch and {self.schedule_steps}-step schedule")
+        last = state["scheduler"].get("last_epoch")
+        if last != step:
+            refuse("scheduler.last_epoch", f"is {last!r:.40}, not the step {step}")
+        try:
+            runtime.check_rng_state(state["rng"])
+        except ValueError as error:
+            refuse("rng", f"is not a random state plait wrote ({error})")
+        for side, saved in (state.get("augment") or {}).items():
+            if not (isinstance(saved, dict) and integer(saved.get("seed")) and ("generator" in saved or "rng" in saved)):
+                refuse(f"augment.{side}", "is not an augmentation state")
+            try:  # tried on throwaway generators: torch's (images, vectors) or Python's (text)
+                if "generator" in saved:
+                    torch.Generator().set_state(saved["generator"])
+                else:
+                    random.Random().setstate(saved["rng"])
+            except (RuntimeError, TypeError, ValueError, AttributeError) as error:
+                refuse(f"augment.{side}", f"holds no generator state ({_first_line(error)})")
+        modules = [("model", self.model), ("loss", self.loss_fn)]
+        if self.momentum_model is not None:
+            if not state.get("momentum_model"):
+                raise ValueError("the checkpoint has no momentum encoder, but train.bank_momentum > 0; resume with the settings it was trained with")
+            modules.append(("momentum_model", self.momentum_model))
+        for key, module in modules:
+            expected, saved = module.state_dict(), state[key]
+            missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+            sized = key != "loss"  # the losses' buffers grow with use (a memory bank starts empty): names and types only
+            wrong = [name for name in expected if name in saved
+                     and not (torch.is_tensor(saved[name]) and (not sized or nn.parameter.is_lazy(expected[name])
+                                                               or tuple(saved[name].shape) == tuple(expected[name].shape)))]
+            if not (missing or unexpected or wrong):
+                continue
+            if wrong:
+                value = saved[wrong[0]]
+                what = (f"size mismatch for {wrong[0]}: {tuple(value.shape)} in the checkpoint, {tuple(expected[wrong[0]].shape)} "
+                        "in this run" if torch.is_tensor(value) else f"{wrong[0]} is a {type(value).__name__}, not a tensor")
+            else:
+                what = (f"{len(missing)} missing (e.g. {missing[0]})" if missing else "") + ("; " if missing and unexpected else "") \
+                       + (f"{len(unexpected)} unexpected (e.g. {str(unexpected[0])[:60]})" if unexpected else "")
+            if key == "model":  # another tower shape (image size, vocabulary, ...): a config difference
+                raise ValueError(f"the checkpoint's model does not fit this config's model: {what}")
+            refuse(key, f"does not fit this run's {key}: {what}")
+        self._check_optimizer_state(state["optimizer"], refuse)
+
+    def _check_optimizer_state(self, saved: dict, refuse) -> None:
+        """The optimizer's saved state: as many groups and parameters as this run's, each state
+        tensor of its parameter's shape."""
+        groups, current = saved.get("param_groups"), self.optimizer.param_groups
+        if not (isinstance(groups, list) and len(groups) == len(current)
+                and all(isinstance(g, dict) and isinstance(g.get("params"), list) and len(g["params"]) == len(c["params"])
+                        for g, c in zip(groups, current))):
+            refuse("optimizer.param_groups", "do not match this run's parameter groups")
+        shapes = {}
+        for group, live in zip(groups, current):
+            for index, parameter in zip(group["params"], live["params"]):
+                shapes[index] = None if nn.parameter.is_lazy(parameter) else tuple(parameter.shape)
+        entries = saved.get("state")
+        if not isinstance(entries, dict):
+            refuse("optimizer.state", "is not a mapping")
+        for index, entry in entries.items():
+            if index not in shapes or not isinstance(entry, dict):
+                refuse(f"optimizer.state[{str(index)[:20]}]", "is not a state of one of this run's parameters")
+            for name, value in entry.items():
+                if torch.is_tensor(value) and value.dim() > 0 and shapes[index] is not None and tuple(value.shape) != shapes[index]:
+                    refuse(f"optimizer.state[{index}].{name}", f"has shape {tuple(value.shape)}, its parameter {shapes[index]}")
 
     def _check_finite(self, target: Path) -> None:
         """Refuse to write ``target`` from a model with a non-finite parameter or buffer."""
@@ -637,10 +851,18 @@ class Trainer:
         """Continue from a checkpoint (default ``output_dir/checkpoint.pt``) made with the same settings
         (``RESUME_MAY_CHANGE`` aside) and the same training data; ``metrics.jsonl`` loses the lines of
         steps after the checkpoint's."""
+        self._resumed_from = True if path is None else Path(path)
         path = Path(path) if path else self.run_dir / "checkpoint.pt"
-        state = load_checkpoint(path, map_location=self.device)
+        # on the CPU: random states must be CPU tensors (torch.set_rng_state, generators), and
+        # load_state_dict copies every other tensor onto its parameter's device
+        state = load_checkpoint(path, map_location="cpu")
+        shown = display_path(path)
+        for key, kind in (("config", str), ("progress", dict)):
+            if not isinstance(state.get(key), kind):
+                raise ValueError(f"cannot resume from {shown}: {key} is {'missing' if key not in state else 'malformed'} "
+                                 "(a corrupt or crafted checkpoint?)")
         self.check_resumable(state, path)
-        self.load_state(state)
+        self.load_state(state, shown)
         self.last_checkpoint = (path, self.step)
         self._resumed = True
         self._truncate_metrics(self.step, state["progress"].get("metrics_lines"))
@@ -648,12 +870,22 @@ class Trainer:
     def check_resumable(self, state: dict, path: Path) -> None:
         """Refuse a checkpoint made with other settings or other training data (one ValueError
         naming every differing key with both values)."""
+        shown = display_path(path)
         try:
-            saved = from_yaml(state.get("config"), source=str(path), allow_import=self.allow_import)
+            saved = from_yaml(state.get("config"), source=shown, allow_import=self.allow_import)
         except ValueError as error:
-            raise ValueError(f"cannot resume from {path}: {error}") from None
+            raise ValueError(f"cannot resume from {shown}: {error}") from None
+        stored = state.get("data")
+        fingerprinted = isinstance(stored, dict)  # the data's location may change: the fingerprint proves them the same
+        may_change = (*RESUME_MAY_CHANGE, *ALWAYS_MAY_CHANGE, "optim.epochs", "optim.steps", *(DATA_LOCATION if fingerprinted else ()))
         changes = [f"{key}: {_show(old)} in the checkpoint, {_show(new)} now"
-                   for key, old, new in config_differences(saved, self.config, (*RESUME_MAY_CHANGE, "optim.epochs", "optim.steps"))]
+                   for key, old, new in config_differences(saved, self.config, may_change)]
+        before_dtype = _precision_name(_saved_autocast(state, saved, self.device))
+        now_dtype = _precision_name(self.amp_dtype)
+        if before_dtype != now_dtype:
+            changes.append(f"train.precision: the checkpoint trained in {before_dtype}, this run would use {now_dtype} "
+                           f"(train.precision={self.config.train.precision} on {self.device.type}); set train.precision="
+                           f"{before_dtype} to resume it here")
         before = self._schedule_length(saved)
         if before != self.schedule_steps:
             keys = [k for k in ("optim.epochs", "optim.steps") if OmegaConf.select(saved, k) != OmegaConf.select(self.config, k)]
@@ -662,14 +894,13 @@ class Trainer:
                            + f" (the lr schedule would span {self.schedule_steps} steps instead of {before}, so the lr would jump; "
                              "optim.max_steps may change)")
         if changes:
-            raise ValueError(f"cannot resume from {path} with changed settings: {'; '.join(changes)}. Resume with the "
+            raise ValueError(f"cannot resume from {shown} with changed settings: {'; '.join(changes)}. Resume with the "
                              "checkpoint's settings, or start a new run (another output_dir, or --overwrite)")
-        stored = state.get("data")
-        if isinstance(stored, dict) and stored != self.data_fingerprint:  # checkpoints before fingerprints: not checked
+        if fingerprinted and stored != self.data_fingerprint:  # checkpoints before fingerprints: not checked
             now = self.data_fingerprint["size"]
             how = (f"same size ({now} items) but different data" if stored.get("size") == now
                    else f"{stored.get('size')} items in the checkpoint, {now} now")
-            raise ValueError(f"cannot resume from {path}: the training data differ from the checkpoint's ({how}); "
+            raise ValueError(f"cannot resume from {shown}: the training data differ from the checkpoint's ({how}); "
                              "resume with the data it was trained on, or start a new run")
 
     def _truncate_metrics(self, step: int, count: int | None = None) -> None:
@@ -695,9 +926,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ logging
     def log(self, record: dict) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:  # a full disk, a read-only directory: one line (a resume drops a torn line)
+            raise WriteError(error.errno, f"could not append to {display_path(path)}: {error.strerror or error} "
+                                          f"(step {record.get('step')}; {self._last_good()})") from None
         self.metrics_lines += 1
         if self.config.train.tensorboard:
             if self._writer is None:
@@ -714,10 +950,13 @@ class Trainer:
         """Train to the end of the schedule (from where a resumed run stopped), save, export and
         evaluate. A new run refuses an ``output_dir`` holding another run's files, unless
         ``overwrite`` (which deletes them first); temporary files of interrupted writes are removed."""
-        check_run_dir(self.run_dir, self._resumed, overwrite)
+        check_run_dir(self.run_dir, self._resumed_from, overwrite)
         if overwrite:
             remove_outputs(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"cannot create output_dir {display_path(self.run_dir)}: {error.strerror or error}") from None
         for stale in temp_files(self.run_dir):
             stale.unlink(missing_ok=True)
         atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.config))

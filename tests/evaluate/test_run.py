@@ -257,7 +257,7 @@ def test_eval_can_point_at_another_dataset_or_the_same_csv_moved(tmp_path, capsy
     code, err = _eval_cli(capsys, run / "model.safetensors", "--data", "digits", "data.options.image_size=16")
     assert code == 2 and "tower a takes image of shape 3x8x8, the evaluation data give image of shape 3x16x16" in _one_line(err)
     code, err = _eval_cli(capsys, run / "model.safetensors", "eval.tasks=[retreival]")
-    assert code == 2 and "unknown eval task(s) ['retreival']" in _one_line(err)
+    assert code == 2 and "eval.tasks has unknown task(s) 'retreival'" in _one_line(err)
 
 
 def test_allow_import_is_a_command_line_opt_in(tmp_path, capsys):
@@ -281,3 +281,148 @@ def test_allow_import_is_a_command_line_opt_in(tmp_path, capsys):
     assert main([*args, "--resume", "optim.max_steps=8"]) == 2
     assert "is an import path" in capsys.readouterr().err
     assert main([*args, "--resume", "--allow-import", "optim.max_steps=8"]) == 0
+
+
+# ------------------------------------------------------------------------------ review: paths, sizes, legacy files, messages
+def test_paths_inside_a_saved_file_are_never_followed(tmp_path, tiny_run, capsys, monkeypatch):
+    """A crafted file naming data at /etc/passwd, a cache directory or ~ reads and writes nothing
+    there: a CSV or folder dataset needs data.options.path on the command line, a stored cache_dir
+    is dropped (the default cache is used), and built-in datasets keep their plain stored options."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:the first line\n")
+
+    def csv_at(path, **more):
+        def change(config):
+            config["data"]["name"] = "csv"
+            config["data"]["options"] = {"path": str(path), **more}
+        return change
+
+    for name, change, shown in (("abs", csv_at(secret), str(secret)), ("home", csv_at("~/pairs.csv"), "~/pairs.csv"),
+                                ("folder", lambda c: c["data"].update(name="folder", options={"path": str(tmp_path)}), str(tmp_path))):
+        path = _crafted(tmp_path, tiny_run, change, name=f"{name}.safetensors")
+        code, err = _eval_cli(capsys, path, "--out", tmp_path / "out")
+        assert code == 2 and "the first line" not in err and "root:x" not in err
+        assert _one_line(err) == (f"plait: error: {path}: the file's config names data at {shown!r}, and file names inside a saved "
+                                  "model are never followed; pass data.options.path=... to evaluate on it")
+        assert not (tmp_path / "out").exists()
+    path = _crafted(tmp_path, tiny_run, csv_at(secret, test_path=str(secret)), name="test.safetensors")
+    code, err = _eval_cli(capsys, path, f"data.options.path={secret}")
+    assert code == 2 and "names a test table at" in _one_line(err) and "pass data.options.test_path=..." in err
+    # a stored cache directory is never written: the default cache is
+    evil_cache, cache = tmp_path / "evilcache", tmp_path / "cache"
+    monkeypatch.setenv("PLAIT_CACHE", str(cache))
+    from plait.evaluate.run import evaluation_config, read_saved
+
+    path = _crafted(tmp_path, tiny_run, lambda c: c["data"].update(name="emoji", options={"cache_dir": str(evil_cache), "image_size": 8}),
+                    name="cache.safetensors")
+    _, stored, _ = read_saved(path)
+    config = evaluation_config(stored, None, ["eval.tasks=[retrieval]"])
+    assert dict(config.data.options) == {"image_size": 8} and not evil_cache.exists()
+    path = _crafted(tmp_path, tiny_run, lambda c: c["data"]["options"].update(cache_dir=False), name="memory.safetensors")
+    assert dict(evaluation_config(read_saved(path)[1], None, []).data.options) == {"image_size": 8, "cache_dir": False}
+    # stored options must be plain values
+    path = _crafted(tmp_path, tiny_run, lambda c: c["data"]["options"].update(image_size={"nested": [1]}), name="nested.safetensors")
+    code, err = _eval_cli(capsys, path)
+    assert code == 2 and "stored data option 'image_size' is not a plain value" in _one_line(err)
+    # a built-in dataset evaluates with its stored options, as before
+    assert evaluate_saved(tiny_run / "model.safetensors", overrides=["eval.tasks=[retrieval]"]) == \
+        {k: v for k, v in json.loads((tiny_run / "eval.json").read_text())["metrics"].items() if "retrieval" in k}
+
+
+def test_crafted_sizes_allocate_nothing_and_are_one_line(tmp_path, tiny_run, capsys):
+    """The model is sized on the meta device and compared with the file's tensors before it exists:
+    sizes in a crafted config or input spec never allocate (a 4 TB tower: no time, no memory)."""
+    import resource
+    import time
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    cases = [
+        (lambda c: c["model"]["a"].update(hidden=[1 << 20, 1 << 20]), None, "its tensors do not fit the model its config describes"),
+        (lambda c: c["model"].update(embed_dim=-5), None, "model.embed_dim=-5 is not valid"),
+        (lambda c: c["model"]["a"].update(hidden=[-1]), None, "model.a.hidden[0]=-1 is not valid"),
+        (lambda c: c["model"].update(projection_hidden=-1), None, "model.projection_hidden=-1 is not valid"),
+        (lambda c: None, {"modalities": ["vector", "text"], "shapes": [[1 << 12, 1 << 12, 1 << 12], None]}, "malformed input spec"),
+        (lambda c: None, {"modalities": ["vector", "text"], "shapes": [[1 << 20, 4096], None]}, "malformed input spec"),
+        (lambda c: None, {"modalities": ["vector", "text"], "shapes": [[4096, 4096], None]}, "its tensors do not fit"),
+    ]
+    for n, (change, inputs, message) in enumerate(cases):
+        path = _crafted(tmp_path, tiny_run, change, name=f"size{n}.safetensors")
+        if inputs is not None:
+            from safetensors.torch import save
+
+            state, config_yaml = load_weights(path)
+            path.write_bytes(save(state, metadata={"format": "plait-weights-1", "config": config_yaml, "inputs": json.dumps(inputs)}))
+        code, err = _eval_cli(capsys, path)
+        assert code == 2 and message in _one_line(err) and str(path) in err, (n, err)
+    assert time.perf_counter() - start < 10
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: no tower of 2^40 numbers
+
+
+def _legacy(tmp_path, run, name="legacy.safetensors"):
+    """A run's exported weights without the input spec (as every file written before it was stored)."""
+    from safetensors.torch import save
+
+    state, config_yaml = load_weights(run / "model.safetensors")
+    path = tmp_path / name
+    path.write_bytes(save(state, metadata={"format": "plait-weights-1", "config": config_yaml}))
+    return path
+
+
+def test_a_file_without_an_input_spec_is_sized_from_the_evaluation_data_and_still_checked(tmp_path, tiny_run, capsys):
+    legacy = _legacy(tmp_path, tiny_run)
+    metrics = json.loads((tiny_run / "eval.json").read_text())["metrics"]
+    assert evaluate_saved(legacy) == metrics
+    code, err = _eval_cli(capsys, legacy, "data.options.image_size=16")
+    line = _one_line(err)
+    assert code == 2 and "this file has no input spec, so its towers were sized from the evaluation data (image of shape 3x16x16; text)" in line
+    assert "encoder_a.net.1.weight has shape (64, 192), the model (64, 768)" in line and "data.options.image_size" in line
+    # a CSV run's legacy file evaluates on the moved CSV (the data are built after the overrides)
+    csv = _write_csv(tmp_path / "data")
+    run = tmp_path / "csvrun"
+    train(load_config("tiny", [f"output_dir={run}", "data.name=csv", f"data.options.path={csv}", "data.options.test_fraction=0.25",
+                               "data.batch_size=8", "eval.tasks=[retrieval]", "train.staleness_every_epochs=0"]))
+    moved = tmp_path / "moved"
+    shutil.move(str(csv.parent), moved)
+    old = _legacy(tmp_path, run, "csv-legacy.safetensors")
+    assert evaluate_saved(old, overrides=[f"data.options.path={moved / 'pairs.csv'}"]) == \
+        json.loads((run / "eval.json").read_text())["metrics"]
+    with pytest.raises(ValueError, match="has no input spec and was trained on csv data"):
+        load_model(old)
+    from plait.data import build_dataset
+
+    model, _ = load_model(old, inputs=build_dataset("csv", path=str(moved / "pairs.csv"), image_size=8, test_fraction=0.25))
+    assert model.encoder_a.net[1].weight.shape == (64, 192)
+
+
+def test_eval_messages_device_model_overrides_split_nan_and_file_names(tmp_path, tiny_run, capsys):
+    # a run trained on cuda evaluates here (the device is the command line's, default auto)
+    cuda = _crafted(tmp_path, tiny_run, lambda c: c["train"].update(device="cuda"), name="cuda.safetensors")
+    assert evaluate_saved(cuda, overrides=["eval.tasks=[retrieval]"])["image_retrieval_recall@1"] >= 0
+    # the model is the file's: model.* (and how it was trained) cannot be overridden
+    for item, what in (("model.embed_dim=64", "the model is defined by the file"), ("optim.lr=0.1", "it does not change an evaluation"),
+                       ("loss.name=infonce", "it does not change an evaluation")):
+        code, err = _eval_cli(capsys, tiny_run / "model.safetensors", item)
+        key = item.split("=")[0]
+        assert code == 2 and f"{item!r}: plait eval cannot change {key} ({what})" in _one_line(err)
+    # eval.split=validation is honoured: the validation split carved as the trainer carves it
+    code, err = _eval_cli(capsys, tiny_run / "model.safetensors", "eval.split=validation")
+    assert code == 2 and "eval.split=validation needs data.validation_fraction > 0" in _one_line(err)
+    on_validation = evaluate_saved(tiny_run / "model.safetensors", overrides=["eval.split=validation", "data.validation_fraction=0.2",
+                                                                                "eval.tasks=[retrieval]"], out_dir=tmp_path / "v")
+    assert json.loads((tmp_path / "v" / "eval.json").read_text())["split"] == "validation"
+    assert on_validation != evaluate_saved(tiny_run / "model.safetensors", overrides=["eval.tasks=[retrieval]"])
+    # NaN weights: the file is named
+    state, config_yaml, inputs = load_weights(tiny_run / "model.safetensors", with_inputs=True)
+    from safetensors.torch import save
+
+    state = dict(state)
+    state["encoder_a.net.1.weight"] = torch.full_like(state["encoder_a.net.1.weight"], float("nan"))
+    odd = tmp_path / "odd\nname.safetensors"
+    odd.write_bytes(save(state, metadata={"format": "plait-weights-1", "config": config_yaml, "inputs": json.dumps(inputs)}))
+    code, err = _eval_cli(capsys, odd)
+    shown = repr(str(odd))[1:-1]  # the newline escaped: one line
+    assert "\\n" in shown and code == 2
+    assert _one_line(err) == f"plait: error: {shown}: the model's encoder_a.net.1.weight holds NaN or infinite values; it cannot be evaluated"
+    code, err = _eval_cli(capsys, tmp_path / "gone\nfile.pt")
+    assert code == 2 and "gone\\nfile.pt does not exist" in _one_line(err)

@@ -16,14 +16,17 @@ import torch
 from plait.atomic import atomic_write, atomic_write_text
 
 TASKS = ("retrieval", "zero_shot", "linear_probe", "few_shot", "knn")
+FEATURES = ("shared", "independent", "both")
 
 
 @torch.no_grad()
 def embed(model, dataset, batch_size: int, device: torch.device, features: str = "shared") -> tuple[torch.Tensor, torch.Tensor]:
     """(z_a, z_b) of every item, in dataset order, on the CPU; ``features``: shared,
-    independent or both ([z, z^i])."""
+    independent or both ([z, z^i]). The global random state is not touched (a DataLoader without
+    a generator draws its base seed from it), so evaluating during training, a staleness pass or
+    a bank refresh leaves the training's random stream (dropout) as it was."""
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
     za, zb = [], []
     for _, a, b in loader:
         a = a.to(device) if torch.is_tensor(a) else list(a)

@@ -247,6 +247,9 @@ def test_cross_attention_and_encoder_shapes():
     z = model.encode_image(images)
     assert z.shape == (4, 16) and torch.allclose(z.norm(dim=1), torch.ones(4))
     assert model.encode_text(texts[:4]).shape == (4, 16)
+    states, text_mask = model.text_tokens(["red apple", "a much longer caption"])
+    assert states.shape == (2, text_mask.shape[1], 32) and text_mask.dtype == torch.bool and not text_mask[0].all()
+    assert model.image_tokens(images).shape == (4, 1 + 4, 32)
 
 
 # ---------------------------------------------------------------------------------- ITC

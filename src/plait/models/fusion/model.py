@@ -155,6 +155,16 @@ class FusionModel(nn.Module):
     def _device(self) -> torch.device:
         return self.logit_scale.device
 
+    def image_tokens(self, images: Tensor) -> Tensor:
+        """The image encoder's tokens (B, 1 + P, vision_width); token 0 is the class token."""
+        return self.image_encoder(images)
+
+    def text_tokens(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """The text encoder's states (B, T, width) and the attention mask (B, T) bool; token 0 is [CLS]."""
+        ids, mask = self.tokenize(texts)
+        ids, mask = ids.to(self._device()), mask.to(self._device())
+        return self.text_encoder(ids, mask), mask
+
     def embed_image(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """(z_image (B, E), independent z^i_image or None) from the class token."""
         cls = self.image_encoder(images)[:, 0]
@@ -162,8 +172,7 @@ class FusionModel(nn.Module):
         return F.normalize(self.vision_proj(cls), dim=-1), ind
 
     def embed_text(self, texts: list[str]) -> tuple[Tensor, Tensor | None]:
-        ids, mask = self.tokenize(texts)
-        cls = self.text_encoder(ids.to(self._device()), mask.to(self._device()))[:, 0]
+        cls = self.text_tokens(texts)[0][:, 0]
         ind = F.normalize(self.text_ind(cls), dim=-1) if self.independent else None
         return F.normalize(self.text_proj(cls), dim=-1), ind
 
@@ -183,9 +192,8 @@ class FusionModel(nn.Module):
 
     def fuse(self, images: Tensor, texts: list[str]) -> Tensor:
         """The fused [CLS] state (B, width) of each (image, text) pair."""
-        ids, mask = self.tokenize(texts)
-        ids, mask = ids.to(self._device()), mask.to(self._device())
-        return self.fusion(self.text_encoder(ids, mask), mask, self.image_encoder(images))[:, 0]
+        text, mask = self.text_tokens(texts)
+        return self.fusion(text, mask, self.image_encoder(images))[:, 0]
 
     def match_logits(self, images: Tensor, texts: list[str]) -> Tensor:
         """ITM logits (B, 2) of each pair (column 1: matched); ALBEF re-ranks retrieval with them."""

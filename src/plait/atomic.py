@@ -85,15 +85,19 @@ def fsync_directory(directory: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it, move it onto
-    ``path`` with ``os.replace`` and fsync the directory; on any exception (KeyboardInterrupt
-    included) the temporary file is removed and ``path`` keeps its previous content."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], temp_dir: str | Path | None = None) -> Path:
+    """Call ``write(handle)`` on a temporary file beside ``path`` (or in ``temp_dir``, on the same
+    file system: a cache keeps its temporary files in one folder, so a sweep finds those a killed
+    process left), fsync it, move it onto ``path`` with ``os.replace`` and fsync the directory; on
+    any exception (KeyboardInterrupt included) the temporary file is removed and ``path`` keeps its
+    previous content."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}")
+        if temp_dir is not None:
+            Path(temp_dir).mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=temp_dir if temp_dir is not None else path.parent, prefix=f".{path.name}{TEMP_MARK}")
         try:
             os.fchmod(fd, _new_file_mode(path))
         except (OSError, AttributeError):  # AttributeError: no fchmod (Windows)

@@ -465,3 +465,26 @@ def test_file_names_with_a_newline_are_shown_escaped_on_one_line(tmp_path):
     assert "image bad\\nname.png: cannot decode image " in message and "(1 more bad rows)" in message
     ds = FolderPairDataset(folder, bad_rows="skip", image_size=4)
     assert sorted(r["row"] for r in ds.skipped) == ["bad\\nname.png", "tab\\there.png"]
+
+
+def test_the_image_cache_keeps_temporary_files_in_tmp_and_sweeps_stale_ones(tmp_path, images, monkeypatch):
+    """A process killed while writing the cache leaves a temporary file in cache/tmp; the next
+    process to open the cache removes it once it is an hour old (a younger one may be a write in
+    progress), and a load leaves no temporary file anywhere in the cache."""
+    import time
+
+    from plait.data import cache
+
+    directory = tmp_path / "cache"
+    (directory / "tmp").mkdir(parents=True)
+    stale, fresh = directory / "tmp" / ".x.npy.tmp-old", directory / "tmp" / ".y.npy.tmp-new"
+    for path in (stale, fresh):
+        path.write_bytes(b"half")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    monkeypatch.setattr(cache, "_swept", set())
+    csv_path = write_csv(tmp_path / "pairs.csv", [(f"img/{k}.png", f"colour {k}") for k in range(5)])
+    CsvPairDataset(csv_path, image_size=4, cache_dir=directory)
+    assert not stale.exists() and fresh.exists()
+    leftovers = [p for p in directory.rglob("*") if ".tmp-" in p.name]
+    assert leftovers == [fresh] and len(list((directory / "bundles").glob("*.npz"))) == 1

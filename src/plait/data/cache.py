@@ -37,9 +37,11 @@ Caching. Decoding is the slow part of loading a dataset, so results are kept:
 
 Non-regular files (directories, FIFOs, devices) are errors and never opened, so a path to a
 pipe cannot hang a load; a symlink loop is an error. The disk cache lives in ``$PLAIT_CACHE``,
-else ``~/.cache/plait``; files are written to a temporary name and moved into place with
-``os.replace``, so a crash never leaves a torn file. An unwritable cache directory only costs
-speed (a warning), never the run.
+else ``~/.cache/plait``; files are written to a temporary name in its ``tmp/`` folder and moved
+into place with ``os.replace``, so a crash never leaves a torn file; temporary files that a killed
+process left there are removed when a cache directory is first opened in a process, once they
+are an hour old (younger ones may be another process's writes in progress). An unwritable cache
+directory only costs speed (a warning), never the run.
 """
 
 from __future__ import annotations
@@ -69,6 +71,31 @@ ALPHA_MODES = ("RGBA", "LA", "PA")
 PREMULTIPLIED_MODES = ("RGBa", "La")
 
 _memory: OrderedDict[str, tuple[np.ndarray, list[str]]] = OrderedDict()
+STALE_TEMP_SECONDS = 3600  # a temporary file in the cache's tmp/ older than this was left by a killed process
+_swept: set[str] = set()  # cache directories whose stale temporary files this process has removed
+
+
+def remove_stale_temp_files(directory: str | os.PathLike, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Delete the temporary files older than ``older_than`` seconds in ``directory/tmp`` (writes
+    that a killed process never finished); returns them. Errors (a file another process removed,
+    no permission) are ignored: the sweep only saves disk space."""
+    import time
+
+    folder = Path(directory) / "tmp"
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > older_than:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
 
 
 def default_cache_dir() -> Path:
@@ -216,6 +243,9 @@ class ImageCache:
             self.directory = default_cache_dir()
         else:
             self.directory = Path(cache_dir).expanduser()
+        if self.directory is not None and str(self.directory) not in _swept:
+            _swept.add(str(self.directory))
+            remove_stale_temp_files(self.directory)
         self.per_image = per_image
         self._warned = False
         self.decoded = 0  # images decoded by this object (0 when everything came from a cache)
@@ -324,7 +354,7 @@ class ImageCache:
         if file is None:
             return
         try:
-            atomic_write(file, write)
+            atomic_write(file, write, temp_dir=self.directory / "tmp")
         except OSError as exc:
             if not self._warned:
                 warnings.warn(f"plait: cannot write the image cache in {self.directory} ({exc}); continuing without it")

@@ -30,6 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
+from plait.atomic import atomic_write_text
 from plait.experiments._runs import run_many
 
 CELLS: dict[str, tuple[int, ...]] = {"infonce": (32, 128, 512), "gamma": (8, 16, 32)}
@@ -155,9 +156,9 @@ def run_batch_sweep(out_dir, datasets=("emoji", "uci", "glyphs"), budgets=("step
             plot_curves(results, dataset, budget, out / f"curves-{dataset}-{budget}.png")
     result = {"cells": {k: list(v) for k, v in cells.items()}, "lr_multipliers": list(multipliers), "seeds": seeds,
               "budgets": BUDGETS, "seconds": time.perf_counter() - started, "runs": results}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    atomic_write_text(out / "results.json", json.dumps(result, indent=1))
     table = summary_table(result)
-    (out / "table.md").write_text(table)
+    atomic_write_text(out / "table.md", table)
     return table
 
 

@@ -15,6 +15,7 @@ import json
 import statistics
 from pathlib import Path
 
+from plait.atomic import atomic_write_text
 from plait.experiments._runs import run_many
 from plait.experiments.batch_sweep import BUDGETS, VALIDATION_FRACTION, fit_size
 
@@ -71,9 +72,9 @@ def run_gamma_ablation(out_dir, seeds: int = 3, workers: int = 2, reuse: bool = 
     runs = run_many(jobs, workers, reuse=reuse)
     for run in runs:
         run["staleness"] = {k: v for k, v in _last(Path(run["run_dir"]), "staleness").items() if k in STALENESS}
-    (out / "results.json").write_text(json.dumps({"steps": steps, "batch_size": BATCH, "runs": runs}, indent=1))
+    atomic_write_text(out / "results.json", json.dumps({"steps": steps, "batch_size": BATCH, "runs": runs}, indent=1))
     table = ablation_table(runs, steps)
-    (out / "table.md").write_text(table)
+    atomic_write_text(out / "table.md", table)
     return table
 
 

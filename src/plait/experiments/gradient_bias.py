@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from plait.losses import GammaContrastiveLoss, InfoNCELoss, SogCLRLoss, generalized_contrastive_loss
-from plait.atomic import save_figure
+from plait.atomic import atomic_write_text, save_figure
 
 # name -> (loss class name, options). Every gamma variant uses the loss's defaults unless named.
 # E1 studies the estimators as the paper states them: the anchor-side gradient over the table
@@ -218,8 +218,8 @@ def run_gradient_bias(config: GradientBiasConfig, out_dir: str | Path, workers: 
         "seconds": time.perf_counter() - started,
         "runs": runs,
     }
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "table.md").write_text(summary_table(result))
+    atomic_write_text(out / "results.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "table.md", summary_table(result))
     plot_curves(result, out / "kappa.png")
     return result
 

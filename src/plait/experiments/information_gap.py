@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from plait.experiments._runs import run_many
-from plait.atomic import save_figure
+from plait.atomic import atomic_write_text, save_figure
 
 PRIVATE_BITS = (0, 1, 2, 3)
 LABEL_BITS = 4
@@ -126,9 +126,9 @@ def run_information_gap(out_dir, seeds_synthetic: int = 2, seeds_real: int = 2, 
               "runs": sorted(runs, key=lambda r: (r["part"], r.get("private_bits", 0), str(r.get("views")), r["variant"], r["seed"]))}
     for run in result["runs"]:
         run.pop("metrics", None)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    atomic_write_text(out / "results.json", json.dumps(result, indent=1))
     table = gap_tables(result)
-    (out / "table.md").write_text(table)
+    atomic_write_text(out / "table.md", table)
     plot_gap(result, out / "gap.png")
     return table
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from plait.experiments._runs import run_many
 from plait.losses.regularizers import DEFAULT_WEIGHTS
-from plait.atomic import save_figure
+from plait.atomic import atomic_write_text, save_figure
 
 VARIANTS = {
     "none": [],
@@ -71,9 +71,9 @@ def run_regularizer_table(out_dir, datasets=("uci", "emoji"), bases=("infonce", 
     started = time.perf_counter()
     runs = sorted(run_many(jobs, workers, reuse=reuse), key=lambda r: (r["dataset"], r["base"], list(VARIANTS).index(r["variant"]), r["seed"]))
     result = {"seeds": seeds, "weights": DEFAULT_WEIGHTS, "seconds": time.perf_counter() - started, "runs": runs}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    atomic_write_text(out / "results.json", json.dumps(result, indent=1))
     table = regularizer_table(result)
-    (out / "table.md").write_text(table)
+    atomic_write_text(out / "table.md", table)
     plot_regularizers(result, out / "regularizers.png")
     return table
 
@@ -175,7 +175,7 @@ def sweep_weights(out_dir, seeds: int = 2, workers: int = 2, quick: bool = False
                 settings = _overrides("uci", "infonce", variant, s, out / f"w{weight}", quick, {name: weight})
                 jobs.append(("uci", (*settings, *overrides), {"regularizer": name, "weight": weight, "seed": s}))
     runs = run_many(jobs, workers, reuse=reuse)
-    (out / "results.json").write_text(json.dumps({"runs": runs}, indent=1))
+    atomic_write_text(out / "results.json", json.dumps({"runs": runs}, indent=1))
     cells: dict[tuple, list[float]] = {}
     for run in runs:
         cells.setdefault((run["regularizer"], run["weight"]), []).append(run["metrics"]["lp_acc1"])
@@ -187,5 +187,5 @@ def sweep_weights(out_dir, seeds: int = 2, workers: int = 2, quick: bool = False
             best[name] = (statistics.fmean(values), weight)
     lines += ["", "best weight per regulariser: " + ", ".join(f"{n} {w}" for n, (_, w) in sorted(best.items()))]
     table = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(table)
+    atomic_write_text(out / "table.md", table)
     return table

@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from plait.atomic import atomic_write_text
 from plait.experiments._runs import run_many
 from plait.experiments.batch_sweep import BUDGETS, cell_settings, fit_size
 
@@ -58,7 +59,7 @@ def run_small_batch(out_dir: str | Path, quick: bool = False, overrides=(), work
              "`plait experiment small-batch`" + (" --quick" if quick else ""), "",
              f"{steps} optimizer steps per run, lr tuned on the validation split by E2, {seeds} seed(s); test split "
              f"({len(runs)} runs). ![curves](curves.png)", "", table]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     return table
 
 

@@ -18,6 +18,7 @@ is the file's (``model.*`` and the training settings are refused).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -146,15 +147,13 @@ def evaluation_config(config: DictConfig, data: str | None, overrides: list[str]
 
     # overrides are checked as load_config checks them, then merged over the stored config
     load_config(None, list(overrides))
-    given = {}
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if not any(key == allowed or key.startswith(allowed + ".") for allowed in EVAL_KEYS):
             what = "the model is defined by the file" if key.split(".")[0] == "model" else "it does not change an evaluation"
             raise ValueError(f"{item!r}: plait eval cannot change {key} ({what}); it takes overrides of data.*, eval.*, "
                              "train.device and name")
-        given[key] = item
-    config = config.copy()
+    config = copy.deepcopy(config)  # the stored config itself stays as read
     dropped = {}
     if data is not None and data != config.data.name:
         config.data.name = data
@@ -175,7 +174,7 @@ def evaluation_config(config: DictConfig, data: str | None, overrides: list[str]
             stored = dropped.get(key) if key != "path" else dropped.get("path", dropped.get("folder"))
             if stored is not None and key not in options and not (key == "test_path" and options.get("test_fraction")):
                 raise ValueError(f"{source}: the file's config names {'data' if key == 'path' else 'a test table'} at "
-                                 f"{display_path(stored)[:200]!r}, and file names inside a saved model are never followed; "
+                                 f"{str(stored)[:200]!r}, and file names inside a saved model are never followed; "
                                  f"pass data.options.{key}=... to evaluate on it")
         if "path" not in options:
             raise ValueError(f"{source}: {name} data need data.options.path=... on the command line")

@@ -55,6 +55,12 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 _OPCODES = {ord(op.code): op.name for op in pickletools.opcodes}
 
 
+def _safetensors_reason(error: Exception) -> str:
+    """The first line of a safetensors error (it names what is wrong with the header or the data)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
+
+
 def _reason(error: Exception) -> str:
     """One line for a loader's error. torch's unpickler explains itself over many lines and
     advises re-running with ``weights_only=False``, which would run the file's code: that advice
@@ -120,7 +126,7 @@ def load_weights(path: str | Path, with_inputs: bool = False):
     try:
         state = load(data)
     except Exception as error:
-        raise ValueError(f"{_show(path)} is not a readable safetensors file: {_reason(error)}") from None
+        raise ValueError(f"{_show(path)} is not a readable safetensors file: {_safetensors_reason(error)}") from None
     inputs = None
     if "inputs" in metadata:
         try:

@@ -174,7 +174,7 @@ def _header(blob: dict) -> bytes:
     (_header({"__metadata__": {"config": 3}}), "malformed safetensors metadata"),
     (_header({"__metadata__": {"format": "x"}}), "no plait config in its metadata"),
     (_header({"__metadata__": {"config": "name: x"}, "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}),
-     "not a readable safetensors file"),
+     "not a readable safetensors file: Error while deserializing"),
 ])
 def test_malformed_safetensors_files_are_one_line_errors(tmp_path, capsys, content, message):
     path = tmp_path / "model.safetensors"

@@ -367,7 +367,7 @@ def check_components(config: DictConfig, source: str = "config", allow_import: b
             raise ValueError(f"{source}: {key}={name!r} is not a registered name; valid: {', '.join(sorted(valid))}")
 
     check("data.name", config.data.name, [*DATASETS, *DATA_ALIASES])
-    check("loss.name", config.loss.name, [*LOSSES, *LOSS_ALIASES, "ntxent"])
+    check("loss.name", config.loss.name, [*LOSSES, *LOSS_ALIASES, "ntxent", "momentum_itc"])
     for index, spec in enumerate(config.regularizers):
         check(f"regularizers[{index}].name", spec.get("name") if isinstance(spec, DictConfig) else None,
               [*REGULARIZERS, *REGULARIZER_ALIASES])

@@ -142,8 +142,8 @@ def finetune(weights: str | Path, task: str, overrides: list[str] | tuple[str, .
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norm = nn.utils.clip_grad_norm_(classifier.parameters(), config.grad_clip)
-            if not (math.isfinite(float(loss)) and math.isfinite(float(norm))):
-                raise ValueError(f"non-finite {'loss' if not math.isfinite(float(loss)) else 'gradient'} at fine-tuning step {step} "
+            if not (math.isfinite(float(loss.detach())) and math.isfinite(float(norm))):
+                raise ValueError(f"non-finite {'loss' if not math.isfinite(float(loss.detach())) else 'gradient'} at fine-tuning step {step} "
                                  f"(epoch {epoch}, items {index[:8].tolist()}); lower lr")
             optimizer.step()
             scheduler.step()

@@ -121,15 +121,27 @@ def build_base_loss(config: DictConfig, dataset_size: int, seed: int) -> nn.Modu
     return build_loss(config.loss.name, **options)
 
 
+MODEL_ITC = "momentum_itc"  # loss.name of the fusion model's own ITC (momentum distillation over batch + queue)
+
+
 def build_objective(config: DictConfig, dataset_size: int) -> nn.Module:
-    """Base loss (+ in-modal terms with their own state) + the config's regularisers."""
+    """Base loss (+ in-modal terms with their own state) + the config's regularisers. ``loss.name:
+    momentum_itc`` has no base: the model computes its own contrastive term (the fusion model's ITC)."""
     from plait.losses.objective import ContrastiveObjective, build_regularizer
 
+    regularizers = [build_regularizer(OmegaConf.to_container(spec, resolve=True), seed=config.seed) for spec in config.regularizers]
+    if config.loss.name == MODEL_ITC:
+        if config.model.kind != "fusion":
+            raise ValueError(f"loss.name={MODEL_ITC} is the fusion model's own ITC; it needs model.kind=fusion")
+        if config.loss.options:
+            raise ValueError(f"loss.name={MODEL_ITC} takes no loss.options (its settings are model.fusion's: alpha, queue_size, ...)")
+        if config.loss.in_modal:
+            raise ValueError(f"loss.in_modal needs a base loss; loss.name={MODEL_ITC} has none")
+        return ContrastiveObjective(None, None, regularizers)
     base = build_base_loss(config, dataset_size, config.seed)
     in_modal = None
     if config.loss.in_modal:
         in_modal = (build_base_loss(config, dataset_size, config.seed + 1), build_base_loss(config, dataset_size, config.seed + 2))
-    regularizers = [build_regularizer(OmegaConf.to_container(spec, resolve=True), seed=config.seed) for spec in config.regularizers]
     return ContrastiveObjective(base, in_modal, regularizers)
 
 

@@ -437,10 +437,17 @@ def test_model_contract_and_the_evaluation_suite_embed():
 
     model = tiny()
     images, texts, index = batch(8)
-    terms = model.step((index, images, texts))
-    assert set(terms) >= {"loss", "itc", "itm", "mlm", "alpha", "itm_accuracy", "mlm_accuracy"}
-    torch.testing.assert_close(terms["loss"], terms["itc"] + terms["itm"] + terms["mlm"])
-    model.after_step()
+    from plait.losses.objective import ContrastiveObjective
+    from plait.models.contract import Batch
+
+    slow_before = [p.clone() for p in model.momentum_models.parameters()]
+    out = model.training_step(Batch(index, images, texts), ContrastiveObjective(None))
+    assert set(out.terms) >= {"itc", "itm", "mlm", "alpha", "itm_accuracy", "mlm_accuracy"}
+    torch.testing.assert_close(out.loss, out.terms["itc"] + out.terms["itm"] + out.terms["mlm"])
+    model.after_optimizer_step()  # the EMA step: theta_m <- m theta_m + (1 - m) theta
+    for before, after, online in zip(slow_before, model.momentum_models.parameters(),
+                                     [p for name in model.momentum_names for p in getattr(model, name).parameters()]):
+        torch.testing.assert_close(after, model.momentum * before + (1 - model.momentum) * online.detach())
     za, zb = embed(model, [(i, images[i], texts[i]) for i in range(8)], batch_size=4, device=torch.device("cpu"))
     assert za.shape == zb.shape == (8, 16)
     torch.testing.assert_close(za, model.encode_image(images).detach(), rtol=1e-5, atol=1e-6)

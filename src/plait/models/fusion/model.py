@@ -17,6 +17,7 @@ from plait._checks import integer_vector
 from plait.models.fusion.encoders import MINILM, FusionEncoder, ImageTokenEncoder, TextEncoder, check_minilm_shape, init_from_minilm
 from plait.models.fusion.layers import MLMHead, init_bert_
 from plait.models.fusion.objectives import IGNORE, mask_tokens, momentum_itc_loss, same_caption, sample_hard_negatives
+from plait.models.contract import Batch, ContrastiveModel, StepOutput, apply_objective
 from plait.models.fusion.queue import FeatureQueue
 from plait.models.text import WordPieceTokenizer
 from plait.models.two_tower import MAX_LOGIT_SCALE
@@ -38,7 +39,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class FusionModel(nn.Module):
+class FusionModel(ContrastiveModel):
     """Image encoder (ViT tokens), text encoder (BERT's first layers), fusion encoder (BERT's later
     layers with cross-attention to the image tokens), and ALBEF's three pre-training losses.
 
@@ -332,14 +333,35 @@ class FusionModel(nn.Module):
         terms = {"loss": loss, "itc": itc, "itm": itm, "mlm": mlm, **stats}
         return (terms, features) if return_features else terms
 
-    def step(self, batch, **options):
-        """The model contract of DESIGN.md section 8: a dataset batch (index, images, texts) ->
-        ``pretrain_step``'s named terms (``options`` passed on)."""
-        index, images, texts = batch
-        return self.pretrain_step(images, list(texts), index, **options)
+    # ------------------------------------------------------------------------------ the model contract
+    def contrastive_features(self, batch: Batch):
+        """The ITC features of a batch without the momentum copies (a, b, index, scale)."""
+        from plait.losses.objective import PairFeatures
 
-    def after_step(self) -> None:
-        """The after-optimizer-step hook: the momentum (EMA) update."""
+        return PairFeatures(self.encode_image(batch.a).float(), self.encode_text(list(batch.b)).float(), batch.index,
+                            self.scale().float())
+
+    def training_step(self, batch: Batch, objective: nn.Module) -> StepOutput:
+        """One pre-training batch under the trainer (``plait.models.contract``).
+
+        ``objective`` is the run's ``ContrastiveObjective``. Without a base loss (config
+        ``loss.name: momentum_itc``) ITC is the model's own (momentum distillation over batch and
+        queue) and the objective's regularisers are added on the ITC features (the momentum
+        features as the augmented ones), weighted by ``itc_weight``; with a base loss (gamma,
+        infonce, sogclr) the objective, regularisers included, replaces ITC over the in-batch
+        features and the queue is not used."""
+        own_itc = getattr(objective, "base", None) is None
+        terms, features = self.pretrain_step(batch.a, list(batch.b), batch.index, itc_loss=None if own_itc else objective,
+                                             return_features=True)
+        loss = terms.pop("loss")
+        if own_itc and len(getattr(objective, "regularizers", ())):
+            structure = apply_objective(objective, features)
+            loss = loss + self.weights["itc"] * structure
+            terms.update({f"itc/{k}": v for k, v in objective.stats.items() if torch.is_tensor(v)})
+        return StepOutput(loss, {k: v.detach() for k, v in terms.items()}, features)
+
+    def after_optimizer_step(self) -> None:
+        """The momentum (EMA) update of the momentum copies, after each optimizer step taken."""
         self.momentum_update()
 
 

@@ -147,7 +147,7 @@ def finetune(weights: str | Path, task: str, overrides: list[str] | tuple[str, .
                                  f"(epoch {epoch}, items {index[:8].tolist()}); lower lr")
             optimizer.step()
             scheduler.step()
-            running.append(float(loss))
+            running.append(float(loss.detach()))
             step += 1
             if step >= total:
                 break

@@ -1,0 +1,91 @@
+"""The fusion model through the trainer and ``plait finetune``, on small emoji runs."""
+
+import json
+
+import pytest
+import torch
+
+from plait.cli import main
+from plait.config import load_config
+from plait.finetune import accuracy, finetune, finetune_config
+from plait.train import Trainer, train
+
+SMALL = ["data.options.image_size=16", "model.fusion.image_size=16", "model.fusion.patch=8", "model.fusion.queue_size=64",
+         "model.fusion.text_layers=1", "model.fusion.fusion_layers=1", "model.fusion.vision_layers=1",
+         "model.fusion.max_length=16", "data.augment.image=false", "eval.tasks=[retrieval]", "train.log_every=2"]
+
+
+def _config(run, *overrides):
+    return load_config("fusion", [f"output_dir={run}", *SMALL, *overrides])
+
+
+@pytest.fixture(scope="module")
+def fusion_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("fusion") / "run"
+    train(_config(run, "optim.max_steps=4"))
+    return run
+
+
+def test_fusion_pretraining_logs_its_terms_and_resumes_bitwise(tmp_path):
+    """ITC, ITM and MLM are logged; a run stopped at step 3 and resumed to 6 equals a straight run
+    bit for bit: weights, momentum encoders, queue and its pointer (all in the model's state_dict)."""
+    straight = Trainer(_config(tmp_path / "a", "optim.max_steps=6"))
+    straight.train_until(6)
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"itc", "itm", "mlm", "itm_accuracy", "queue_filled"} <= set(r) for r in records)
+    assert records[-1]["queue_filled"] == 64  # 6 steps of 32 momentum features fill a queue of 64
+    first = Trainer(_config(tmp_path / "b", "optim.max_steps=6", "train.checkpoint_every_steps=3"))
+    first.train_until(3)
+    resumed = Trainer(_config(tmp_path / "b", "optim.max_steps=6", "train.checkpoint_every_steps=3"))
+    resumed.resume()
+    resumed.train_until(6)
+    ours, theirs = straight.model.state_dict(), resumed.model.state_dict()
+    assert set(ours) == set(theirs) and any(k.startswith("momentum_models.") for k in ours) and "queue.ptr" in ours
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_regularisers_add_to_the_models_itc_and_gamma_replaces_it(tmp_path):
+    """With loss.name=momentum_itc the objective holds only the regularisers, added to the model's
+    loss; with the gamma loss the objective is the ITC (its per-sample state gets written)."""
+    reg = Trainer(_config(tmp_path / "r", "optim.max_steps=2", "regularizers=[{name: consistency, weight: 0.5}]"))
+    assert reg.loss_fn.base is None and reg.loss_fn.names == ["consistency"]
+    reg.train_until(1)
+    assert "itc/consistency" in reg.terms and float(reg.terms["itc/consistency"]) > 0
+    gamma = Trainer(_config(tmp_path / "g", "optim.max_steps=2", "loss.name=gamma"))
+    gamma.train_until(2)
+    state = gamma.loss_fn.base.state_dict()
+    assert int(state["step"]) == 2 and int((state["visits"] > 0).sum()) == 2 * 32  # two batches of 32 items visited
+    assert int(gamma.model.queue.ptr) == 0 and int((gamma.model.queue.index >= 0).sum()) == 0  # the queue is not used
+    with pytest.raises(ValueError, match="needs model.kind=fusion"):
+        Trainer(load_config("tiny", [f"output_dir={tmp_path}/t", "loss.name=momentum_itc"]))
+
+
+def test_finetune_trains_a_head_and_reports_accuracy_checked_by_hand(fusion_run, tmp_path):
+    result = finetune(fusion_run / "model.safetensors", "entailment",
+                      [f"output_dir={tmp_path}/ve", "max_steps=3", "batch_size=16", "task_options={per_image: 0.2}"])
+    saved = json.loads((tmp_path / "ve" / "finetune.json").read_text())
+    assert saved["metrics"] == result["metrics"] and result["steps"] == 3 and result["num_classes"] == 3
+    assert 0.0 <= result["metrics"]["test_accuracy"] <= 1.0
+    # accuracy() against a brute-force count over the items
+    from plait.data.tasks import EmojiEntailment
+    from plait.evaluate.run import load_model
+    from plait.models.fusion import FusionClassifier
+
+    backbone, _ = load_model(fusion_run / "model.safetensors")
+    classifier = FusionClassifier(backbone, "entailment", num_classes=3).eval()
+    test = EmojiEntailment("test", image_size=16, per_image=0.1)
+    with torch.no_grad():
+        correct = sum(int(classifier(test[i][1][None], [test[i][2]]).argmax(1).item() == test[i][3]) for i in range(len(test)))
+    assert accuracy(classifier, test, 7, torch.device("cpu")) == pytest.approx(correct / len(test))
+
+
+def test_finetune_refuses_a_two_tower_model_and_bad_settings(tmp_path, capsys):
+    run = tmp_path / "tiny"
+    train(load_config("tiny", [f"output_dir={run}", "train.staleness_every_epochs=0"]))
+    assert main(["finetune", str(run / "model.safetensors"), "--task", "vqa"]) == 2
+    assert "fine-tuning needs a fusion model" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="bad override 'epochs=many'"):
+        finetune_config("vqa", ["epochs=many"])
+    with pytest.raises(ValueError, match="lr must be positive"):
+        finetune_config("vqa", ["lr=0"])

@@ -321,6 +321,16 @@ def test_pretrain_itc_reads_the_queue_then_enqueues_the_momentum_features():
     assert int(model.queue.ptr) == 11 and int(model.steps) == 1  # evaluation changes no state
 
 
+def test_itc_runs_in_float32_under_autocast():
+    model = tiny(queue_size=0)
+    images, texts, index = batch(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms, f = model.pretrain_step(images, texts, index, return_features=True)
+    assert f.a.dtype == torch.float32 and terms["itc"].dtype == torch.float32
+    expected = momentum_itc_loss(f.a, f.b, f.a_aug, f.b_aug, f.logit_scale, model.alpha, index)[0]
+    torch.testing.assert_close(terms["itc"], expected, rtol=1e-6, atol=1e-6)  # not a bf16 matmul's rounding
+
+
 # ---------------------------------------------------------------------------------- plugged losses
 def test_gamma_loss_replaces_itc_and_equals_the_gamma_loss_on_the_same_features():
     model = tiny()

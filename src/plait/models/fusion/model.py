@@ -17,7 +17,7 @@ from plait._checks import integer_vector
 from plait.models.fusion.encoders import MINILM, FusionEncoder, ImageTokenEncoder, TextEncoder, check_minilm_shape, init_from_minilm
 from plait.models.fusion.layers import MLMHead, init_bert_
 from plait.models.fusion.objectives import IGNORE, mask_tokens, momentum_itc_loss, same_caption, sample_hard_negatives
-from plait.models.contract import Batch, ContrastiveModel, StepOutput, apply_objective
+from plait.models.contract import Batch, ContrastiveModel, ObjectiveError, StepOutput, apply_objective
 from plait.models.fusion.queue import FeatureQueue
 from plait.models.text import WordPieceTokenizer
 from plait.models.two_tower import MAX_LOGIT_SCALE
@@ -269,25 +269,29 @@ class FusionModel(ContrastiveModel):
             features.a_ind = F.normalize(self.vision_ind(image[:, 0]), dim=-1).float()
             features.b_ind = F.normalize(self.text_ind(text[:, 0]), dim=-1).float()
 
-        # ---- ITC
+        # ---- ITC, in float32 even under autocast (the project's losses keep their internals float32)
         stats: dict[str, Tensor] = {}
-        if itc_loss is None:
-            itc, logits_i2t, logits_t2i = momentum_itc_loss(
-                features.a, features.b, features.a_aug, features.b_aug, features.logit_scale, alpha, index,
-                self.queue.contents() if self.queue.size else None)
-            if self.training:
-                self.queue.enqueue(m_image, m_text, index)
-        else:
-            with torch.no_grad():
-                logits_i2t = features.logit_scale * features.a @ features.b_aug.T
-                logits_t2i = features.logit_scale * features.b @ features.a_aug.T
-            if isinstance(itc_loss, ContrastiveObjective):
-                if itc_loss.needs_independent and not self.independent:
-                    raise ValueError("the feature separation regulariser needs FusionModel(independent=True)")
-                itc = itc_loss(features)
-                stats.update({f"itc/{k}": v for k, v in itc_loss.stats.items() if torch.is_tensor(v)})
+        with torch.autocast(device_type=device.type, enabled=False):
+            if itc_loss is None:
+                itc, logits_i2t, logits_t2i = momentum_itc_loss(
+                    features.a, features.b, features.a_aug, features.b_aug, features.logit_scale, alpha, index,
+                    self.queue.contents() if self.queue.size else None)
+                if self.training:
+                    self.queue.enqueue(m_image, m_text, index)
             else:
-                itc = itc_loss(features.a, features.b, features.logit_scale, index=index)
+                with torch.no_grad():
+                    logits_i2t = features.logit_scale * features.a @ features.b_aug.T
+                    logits_t2i = features.logit_scale * features.b @ features.a_aug.T
+                if isinstance(itc_loss, ContrastiveObjective):
+                    if itc_loss.needs_independent and not self.independent:
+                        raise ValueError("the feature separation regulariser needs FusionModel(independent=True)")
+                    itc = apply_objective(itc_loss, features)  # a refusal names the batch's features
+                    stats.update({f"itc/{k}": v for k, v in itc_loss.stats.items() if torch.is_tensor(v)})
+                else:
+                    try:
+                        itc = itc_loss(features.a, features.b, features.logit_scale, index=index)
+                    except ValueError as error:
+                        raise ObjectiveError(str(error), features) from error
 
         # ---- ITM hard negatives (and MLM's masked text) through the fusion encoder, one call of 4B
         forbidden = same_caption(list(texts), index)

@@ -5,7 +5,7 @@
     plait finetune FUSION_WEIGHTS --task vqa|reasoning|entailment [key=value ...]
     plait report RUN_DIR [--html]
     plait data build NAME --out DIR [--image-size N] [--limit N]
-    plait experiment {gradient-bias, small-batch, batch-sweep, gamma-ablation, information-gap, regularizers} [options]
+    plait experiment {gradient-bias, small-batch, batch-sweep, gamma-ablation, information-gap, regularizers, fusion, task-baselines} [options]
 
 Exit codes: 0 done; 2 bad input (config, data, files, command line), said in one line on stderr;
 1 a bug in plait (its traceback, then one line saying so).
@@ -67,6 +67,13 @@ def _finetune(args: argparse.Namespace) -> int:
 
     result = finetune(args.weights, args.task, overrides=args.overrides, allow_import=args.allow_import)
     print(json.dumps(result["metrics"], indent=1))
+    return 0
+
+
+def _experiment_fusion(args: argparse.Namespace) -> int:
+    from plait.experiments.fusion import run_fusion_experiment
+
+    print(run_fusion_experiment(args.out, seeds=args.seeds, workers=args.workers, reuse=args.reuse, quick=args.quick))
     return 0
 
 
@@ -229,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--reuse", action="store_true", help=REUSE_HELP)
     ablation.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     ablation.set_defaults(handler=_experiment_gamma_ablation)
+
+    fusion = experiments.add_parser("fusion", help="E5: fusion pre-training (ALBEF, +Sep, +Br, +GC), fine-tuned on VQA, reasoning, entailment")
+    fusion.add_argument("--out", default="runs/fusion")
+    fusion.add_argument("--seeds", type=int, default=3)
+    fusion.add_argument("--workers", type=int, default=2)
+    fusion.add_argument("--quick", action="store_true", help="2 steps per run, small images")
+    fusion.add_argument("--reuse", action="store_true", help=REUSE_HELP)
+    fusion.set_defaults(handler=_experiment_fusion)
 
     baselines = experiments.add_parser("task-baselines", help="text-only, image-only and majority baselines of the three fusion tasks")
     baselines.add_argument("--image-size", type=int, default=16)

@@ -109,8 +109,11 @@ def finetune(weights: str | Path, task: str, overrides: list[str] | tuple[str, .
     runtime.seed_everything(config.seed)
     device = runtime.select_device(config.device)
     options = {"image_size": backbone.image_size, **(OmegaConf.to_container(config.task_options) or {})}
-    train_set = build_task(config.task, split="train", **options)
-    test_set = build_task(config.task, split="test", **options)
+    try:
+        train_set = build_task(config.task, split="train", **options)
+        test_set = build_task(config.task, split="test", **options)
+    except TypeError as error:  # an option the task does not take
+        raise ValueError(f"task_options for {config.task}: {error}") from None
     fit_set, validation_set = (carve_task_validation(train_set, config.validation_fraction, seed=0)
                                if config.validation_fraction else (train_set, None))
     if len(fit_set) < config.batch_size:

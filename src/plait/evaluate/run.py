@@ -83,7 +83,8 @@ def build_saved_model(path: str | Path, state: dict, config: DictConfig, inputs,
     from plait.models import build_model, input_spec
 
     shown = display_path(path)
-    independent = any(key.startswith("independent_a.") for key in state)
+    # heads of modality-specific features (feature separation): the two-tower's and the fusion model's names
+    independent = any(key.startswith(("independent_a.", "vision_ind.")) for key in state)
     spec = OmegaConf.to_container(config.model, resolve=False)
     try:
         probe = build_model(spec, inputs, independent=independent, allow_import=allow_import, device="meta")

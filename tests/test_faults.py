@@ -13,8 +13,10 @@ from plait.checkpoint import load_checkpoint
 from plait.cli import main
 from plait.config import load_config
 from plait.data.digits import DigitsDataset
-from plait.train import (_UNSET, MAX_CONSECUTIVE_SKIPS, EpochSampler, Trainer, config_differences, data_fingerprint,
-                         train, warmup_cosine)
+from plait.data.sampler import EpochSampler
+from plait.optim import warmup_cosine
+from plait.resume import _UNSET, config_differences, data_fingerprint
+from plait.train import MAX_CONSECUTIVE_SKIPS, Trainer, train
 
 FAST = ["eval.tasks=[retrieval]"]
 

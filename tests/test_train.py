@@ -10,7 +10,9 @@ import torch
 from plait.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from plait.cli import main
 from plait.config import load_config
-from plait.train import EpochSampler, Trainer, warmup_cosine
+from plait.data.sampler import EpochSampler
+from plait.optim import warmup_cosine
+from plait.train import Trainer
 
 
 def _config(tmp_path, *overrides):

@@ -99,7 +99,7 @@ def finetune(weights: str | Path, task: str, overrides: list[str] | tuple[str, .
     from plait.data.tasks import build_task, carve_task_validation
     from plait.evaluate.run import load_model
     from plait.models.fusion import FusionClassifier, FusionModel
-    from plait.train import parameter_groups, warmup_cosine
+    from plait.optim import parameter_groups, warmup_cosine
 
     config = finetune_config(task, overrides)
     backbone, pretrain = load_model(weights, allow_import=allow_import)

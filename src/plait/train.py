@@ -2,12 +2,13 @@
 
     plait train configs/emoji_gamma.yaml data.batch_size=32 [--resume]
 
-Each step: a batch (index, view_a, view_b) in a resumable seeded order -> augmentation ->
-two-tower model -> loss(z_a, z_b, index=index, logit_scale=scale) -> AdamW with warm-up +
-cosine schedule and gradient clipping. Logs go to ``metrics.jsonl`` (and TensorBoard if asked),
-evaluations to ``eval.json``, checkpoints to ``checkpoint.pt`` (atomic), final weights to
-``model.safetensors``. The loss is reached through one interface only:
-``loss(features_a, features_b, index=..., logit_scale=...)``.
+Each step: a batch (index, view_a, view_b) in a resumable seeded order (``plait.data.sampler``)
+-> augmentation -> ``model.training_step(Batch, objective)`` (the model contract,
+``plait.models.contract``: two-tower and fusion models alike) -> AdamW with warm-up + cosine
+schedule (``plait.optim``) and gradient clipping -> ``model.after_optimizer_step()``. Logs go to
+``metrics.jsonl`` (and TensorBoard if asked), evaluations to ``eval.json``, checkpoints to
+``checkpoint.pt`` (atomic), final weights to ``model.safetensors``; which files are a run's is
+``plait.run_dir``, what a resume may change ``plait.resume``.
 
 Faults and bad input: settings are checked before anything is built or written; a run never
 replaces another's files (``--resume`` or ``--overwrite``); a resume with changed settings or
@@ -21,7 +22,6 @@ import copy
 import inspect
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -36,74 +36,15 @@ from plait import runtime
 from plait.atomic import WriteError, atomic_write_text, display_path, temp_files
 from plait.checkpoint import export_weights, load_checkpoint, save_checkpoint
 from plait.config import from_yaml, to_yaml
+from plait.data.sampler import EpochSampler
 from plait.models.contract import Batch, ObjectiveError
+from plait.optim import parameter_groups, warmup_cosine
+from plait.resume import (ALWAYS_MAY_CHANGE, DATA_LOCATION, RESUME_MAY_CHANGE, _first_line, _precision_name, _saved_autocast,
+                          _show, config_differences, data_fingerprint)
+from plait.run_dir import check_run_dir, remove_outputs
 
-# Files a run writes into output_dir (``--overwrite`` removes these and nothing else); a directory
-# holding one of GUARDED is a run that a new one without --resume / --overwrite must not replace.
-GUARDED = ("checkpoint.pt", "model.safetensors", "eval.json", "metrics.jsonl")
-OUTPUTS = (*GUARDED, "config.yaml", "gallery.npz", "skipped_rows.json", "report.md", "report.html",
-           "loss.png", "eval.png", "staleness.png", "gallery.png")
-# Keys (and sections) a resume may change: they alter what is logged, saved or evaluated, or
-# where the run executes, not the training problem. optim.epochs / optim.steps may change only
-# as long as the schedule's length stays the same (a longer cosine would jump the lr mid-run).
-RESUME_MAY_CHANGE = (
-    "name", "output_dir", "optim.max_steps", "data.num_workers", "train.device", "train.deterministic",
-    "train.log_every", "train.eval_every_epochs", "train.staleness_every_epochs", "train.checkpoint_every_epochs",
-    "train.checkpoint_every_steps", "train.tensorboard", "train.progress", "train.on_nonfinite", "eval",
-)
-# Where the training data live, not what they are: a resume may change these when the checkpoint's
-# data fingerprint proves the data the same (moved data); the cache directory may always change.
-# train.precision may change as long as the autocast dtype it resolves to stays the same.
-DATA_LOCATION = ("data.options.path", "data.options.test_path")
-ALWAYS_MAY_CHANGE = ("data.options.cache_dir", "train.precision")
 NONFINITE_POLICIES = ("stop", "skip")
 MAX_CONSECUTIVE_SKIPS = 20  # train.on_nonfinite=skip stops anyway after this many skipped steps in a row
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A seeded permutation per epoch that can start mid-epoch: the data order is a pure
-    function of (seed, epoch), so resuming at (epoch, batch) replays it exactly."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed = size, seed
-        self.epoch, self.start = 0, 0
-
-    def set_position(self, epoch: int, start: int) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator)
-        return iter(order[self.start:].tolist())
-
-    def __len__(self) -> int:
-        return self.size - self.start
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int):
-    """lr multiplier: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms, embeddings' gains and the logit scale
-    (as open_clip does)."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        if parameter.ndim < 2 or "logit_scale" in name or "position" in name or name.endswith(".cls"):
-            no_decay.append(parameter)
-        else:
-            decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_base_loss(config: DictConfig, dataset_size: int, seed: int) -> nn.Module:
@@ -209,159 +150,6 @@ def check_eval_settings(config: DictConfig) -> None:
         refuse("eval.few_shot", shots, "it must be a list of positive integers (shots per class)")
     if not (integer(evaluation.few_shot_seeds) and evaluation.few_shot_seeds >= 1):
         refuse("eval.few_shot_seeds", evaluation.few_shot_seeds, "it must be a positive integer")
-
-
-def existing_outputs(run_dir: str | Path) -> list[str]:
-    """The files of ``GUARDED`` that ``run_dir`` already holds (another run's results)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    return [name for name in GUARDED if (run_dir / name).exists()]
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
-
-
-def _check_writable(run_dir: Path) -> None:
-    """``output_dir`` can be a directory plait writes in: not a file, nor under one, nor read-only."""
-    shown = display_path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"output_dir {shown} is a file, not a directory")
-    probe = run_dir
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"output_dir {shown} cannot be created: {display_path(probe)} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        what = "is not writable" if probe == run_dir else f"cannot be created: {display_path(probe)} is not writable"
-        raise ValueError(f"output_dir {shown} {what} (permission denied)")
-
-
-def check_run_dir(run_dir: str | Path, resume, overwrite: bool) -> None:
-    """Refuse to start a new run over another one's files unless told to resume or overwrite, and
-    a resume from another run's checkpoint into an ``output_dir`` that holds a run (it would replace
-    that run). ``resume``: False, True (``output_dir/checkpoint.pt``) or a checkpoint's path."""
-    run_dir = Path(run_dir)
-    shown = display_path(run_dir)
-    if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other: --resume continues the run in output_dir, "
-                         "--overwrite deletes it and starts again")
-    _check_writable(run_dir)
-    found = existing_outputs(run_dir)
-    if found and not resume and not overwrite:
-        raise ValueError(f"output_dir {shown} already holds a run ({', '.join(found)}); continue it with --resume, "
-                         "or delete it and start again with --overwrite (or choose another output_dir)")
-    if found and resume not in (None, False, True) and not _same_file(Path(resume), run_dir / "checkpoint.pt"):
-        raise ValueError(f"--resume {display_path(resume)} continues another run's checkpoint, but output_dir {shown} already "
-                         f"holds a run ({', '.join(found)}), which the resumed run would replace; resume into an empty "
-                         f"output_dir, or continue the run there with --resume alone ({display_path(run_dir / 'checkpoint.pt')})")
-
-
-def remove_outputs(run_dir: str | Path) -> list[Path]:
-    """Delete the files a run writes into ``run_dir`` (``OUTPUTS``, TensorBoard event files,
-    temporary files of interrupted writes) and nothing else; returns what was removed."""
-    run_dir = Path(run_dir)
-    removed = [run_dir / name for name in OUTPUTS if (run_dir / name).is_file()]
-    events = run_dir / "tensorboard"
-    if events.is_dir():
-        removed += [path for path in events.glob("events.out.tfevents.*") if path.is_file()]
-    removed += temp_files(run_dir)
-    for path in removed:
-        path.unlink()
-    if events.is_dir() and not any(events.iterdir()):
-        events.rmdir()
-    return removed
-
-
-def _flat(value, prefix: str = "") -> dict:
-    if isinstance(value, dict):
-        flat = {}
-        for key, item in value.items():
-            flat.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
-        return flat  # an empty section has no leaves: set-vs-unset shows up at the leaves
-    return {prefix: _plain(value)}
-
-
-def _plain(value):
-    """Tuples as lists, recursively (a YAML round trip turns one into the other)."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    return value
-
-
-def _show(value) -> str:
-    return "unset" if value is _UNSET else json.dumps(value, default=str)
-
-
-_UNSET = object()
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0][:200] if text else type(error).__name__)
-
-
-def _precision_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
-
-
-def _saved_autocast(state: dict, saved: DictConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype a checkpoint trained in: stored since plait records it; before, its
-    ``train.precision`` resolved on its ``train.device`` (auto: assumed to be this machine's)."""
-    names = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if state.get("precision") in names:
-        return names[state["precision"]]
-    precision, where = saved.train.precision, str(saved.train.device)
-    if precision in names:
-        return names[precision]
-    kind = device.type if where == "auto" else ("cuda" if where.startswith("cuda") else where)
-    return torch.bfloat16 if kind == "cuda" else None
-
-
-def config_differences(saved: DictConfig, current: DictConfig, may_change=RESUME_MAY_CHANGE) -> list[tuple[str, object, object]]:
-    """(dotted key, saved value, current value) of every setting that differs, leaving out the keys
-    (and sections) in ``may_change``. A key set on one side only has the value ``_UNSET`` on the other."""
-    old = _flat(OmegaConf.to_container(saved, resolve=True))
-    new = _flat(OmegaConf.to_container(current, resolve=True))
-
-    def allowed(key: str) -> bool:
-        return any(key == prefix or key.startswith(prefix + ".") for prefix in may_change)
-
-    keys = [*old, *(key for key in new if key not in old)]
-    return [(key, old.get(key, _UNSET), new.get(key, _UNSET)) for key in keys
-            if not allowed(key) and old.get(key, _UNSET) != new.get(key, _UNSET)]
-
-
-def data_fingerprint(dataset, batch_size: int = 256) -> dict:
-    """``{"size", "sha256"}`` of a dataset: its size and every item's views in order (tensor dtype,
-    shape and bytes; caption text) and alternative captions, the same whatever ``batch_size``.
-    About 0.04 s for emoji's 3,116 training items; the global random state is not touched."""
-    import hashlib
-
-    views = [hashlib.sha256(), hashlib.sha256()]
-    kinds = ["", ""]
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
-    for _, *batch in loader:
-        for side, view in enumerate(batch):
-            if torch.is_tensor(view):
-                kinds[side] = f"{view.dtype} {tuple(view.shape[1:])}"
-                views[side].update(view.contiguous().numpy().tobytes())
-            else:
-                kinds[side] = "text"
-                for text in view:
-                    views[side].update(str(text).encode("utf-8") + b"\0")
-    digest = hashlib.sha256(f"plait-data-1 {len(dataset)} {kinds[0]} {kinds[1]}".encode())
-    digest.update(views[0].digest() + views[1].digest())
-    alternatives = getattr(dataset, "alternatives", None)
-    if alternatives:
-        digest.update(json.dumps([list(a) for a in alternatives]).encode("utf-8"))
-    return {"size": len(dataset), "sha256": digest.hexdigest()}
 
 
 def _nonfinite_tensor(*modules: nn.Module | None) -> str | None:

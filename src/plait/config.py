@@ -357,20 +357,20 @@ def check_components(config: DictConfig, source: str = "config", allow_import: b
     """Every component a config names is registered: the dataset, the loss, the regularisers and
     the encoders (an encoder ``package.module:Class`` only with ``allow_import``, which only the
     command line's ``--allow-import`` sets). Raises a ValueError naming the key."""
-    from plait.data.registry import ALIASES as DATA_ALIASES, DATASETS
-    from plait.losses.objective import REGULARIZER_ALIASES, REGULARIZERS
-    from plait.losses.registry import ALIASES as LOSS_ALIASES, LOSSES
+    from plait.data.registry import DATASETS
+    from plait.losses.registry import LOSSES
+    from plait.losses.regularizers import REGULARIZERS
     from plait.models import ENCODERS
 
-    def check(key: str, name, valid: list[str]) -> None:
-        if not isinstance(name, str) or name.lower() not in valid:
-            raise ValueError(f"{source}: {key}={name!r} is not a registered name; valid: {', '.join(sorted(valid))}")
+    def check(key: str, name, registry, extra: tuple[str, ...] = ()) -> None:
+        if not (name in registry or (isinstance(name, str) and name.lower() in extra)):
+            valid = sorted([*registry.names(), *extra])
+            raise ValueError(f"{source}: {key}={name!r} is not a registered name; valid: {', '.join(valid)}")
 
-    check("data.name", config.data.name, [*DATASETS, *DATA_ALIASES])
-    check("loss.name", config.loss.name, [*LOSSES, *LOSS_ALIASES, "ntxent", "momentum_itc"])
+    check("data.name", config.data.name, DATASETS)
+    check("loss.name", config.loss.name, LOSSES, extra=("momentum_itc",))
     for index, spec in enumerate(config.regularizers):
-        check(f"regularizers[{index}].name", spec.get("name") if isinstance(spec, DictConfig) else None,
-              [*REGULARIZERS, *REGULARIZER_ALIASES])
+        check(f"regularizers[{index}].name", spec.get("name") if isinstance(spec, DictConfig) else None, REGULARIZERS)
     for side in ("a", "b"):
         spec = config.model[side]
         if not spec:
@@ -381,7 +381,7 @@ def check_components(config: DictConfig, source: str = "config", allow_import: b
         if isinstance(name, str) and ":" in name:
             raise ValueError(f"{source}: model.{side}.name={name!r} is an import path; importing code named in a "
                              "config needs --allow-import on the command line (never honoured from a file's contents)")
-        check(f"model.{side}.name", name, list(ENCODERS))
+        check(f"model.{side}.name", name, ENCODERS)
 
 
 def from_yaml(text: str, source: str = "stored config", allow_import: bool = False) -> DictConfig:

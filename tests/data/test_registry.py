@@ -26,3 +26,12 @@ def test_unknown_names_and_options():
         build_dataset("csv")
     with pytest.raises(ValueError, match="split"):
         build_dataset("digits", "validation")
+
+
+def test_aliases_and_path_option(tmp_path):
+    assert isinstance(build_dataset("MFEAT", "test", views=("kar", "zer")), UCIMultipleFeatures)
+    with pytest.raises(ValueError, match="dataset 'folder' has no option 'colour'; its options: path, "):
+        build_dataset("folder", path=tmp_path, colour=1)
+    (tmp_path / "pairs.csv").write_text("image,text\na.png,black\n")
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    assert build_dataset("jsonl", path=tmp_path / "pairs.csv", image_size=4).split == "all"

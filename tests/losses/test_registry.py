@@ -17,3 +17,15 @@ def test_unknown_name_or_option_lists_the_valid_ones():
         build_loss("triplet")
     with pytest.raises(ValueError, match="no option 'estimatr'.*estimator"):
         build_loss("gamma", dataset_size=10, estimatr="ema")
+
+
+def test_fill_is_passed_only_to_a_loss_that_takes_it():
+    fill = {"dataset_size": 30, "seed": 3}
+    assert isinstance(build_loss("clip", fill=fill), InfoNCELoss)  # takes neither: nothing passed
+    gamma = build_loss("Decomposable", fill=fill, estimator="memory")
+    assert isinstance(gamma, GammaContrastiveLoss) and gamma.estimator == "memory"
+    sogclr = build_loss("sogclr", fill=fill)
+    assert isinstance(sogclr, SogCLRLoss) and sogclr.dataset_size == 30
+    assert build_loss("ntxent", fill=fill).mode == "unimodal"
+    with pytest.raises(ValueError, match="unknown loss 'triplet'"):
+        build_loss("triplet", fill=fill)

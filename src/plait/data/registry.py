@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import inspect
-
 from plait.data.base import PairDataset
 from plait.data.digits import DigitsDataset
 from plait.data.emoji import EmojiDataset
 from plait.data.synthetic import InformationGapDataset
 from plait.data.uci import UCIMultipleFeatures
 from plait.data.user import CsvPairDataset, FolderPairDataset
+from plait.registry import Registry
 
-DATASETS: dict[str, type[PairDataset]] = {
-    "emoji": EmojiDataset,
-    "uci": UCIMultipleFeatures,
-    "digits": DigitsDataset,
-    "csv": CsvPairDataset,
-    "folder": FolderPairDataset,
-    "gap": InformationGapDataset,
-}
-ALIASES = {"jsonl": "csv", "mfeat": "uci", "twemoji": "emoji"}
+DATASETS = Registry("dataset", internal=("split",))
+DATASETS.register("emoji", EmojiDataset, aliases=("twemoji",))
+DATASETS.register("uci", UCIMultipleFeatures, aliases=("mfeat",))
+DATASETS.register("digits", DigitsDataset)
+DATASETS.register("csv", CsvPairDataset, aliases=("jsonl",))
+DATASETS.register("folder", FolderPairDataset, rename={"path": "folder"})
+DATASETS.register("gap", InformationGapDataset)
+ALIASES = DATASETS.aliases  # read-only view: alias -> canonical name
+# the datasets read from a user's path (option ``path=``), and the constructor parameter it fills
 PATH_ARGUMENT = {"csv": "path", "folder": "folder"}
 
 
@@ -31,20 +30,10 @@ def build_dataset(name: str, split: str = "train", **options) -> PairDataset:
     ``split="all"`` when no test_fraction is given, as they have no split of their own. Unknown
     names or options raise a ValueError that lists the valid ones.
     """
-    key = ALIASES.get(str(name).lower(), str(name).lower())
-    if key not in DATASETS:
-        valid = ", ".join(sorted([*DATASETS, *ALIASES]))
-        raise ValueError(f"unknown dataset {name!r}; valid names: {valid}")
-    cls = DATASETS[key]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "split")]
+    key = DATASETS.resolve(name)
     if key in PATH_ARGUMENT:
         if "path" not in options:
             raise ValueError(f"dataset {key!r} needs path=...")
-        options[PATH_ARGUMENT[key]] = options.pop("path")
         if split == "train" and not options.get("test_fraction"):
             split = "all"
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        shown = ["path" if p == PATH_ARGUMENT.get(key) else p for p in accepted]
-        raise ValueError(f"dataset {key!r} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(shown)}")
-    return cls(split=split, **options)
+    return DATASETS.build(key, fill={"split": split}, **options)

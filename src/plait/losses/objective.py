@@ -12,7 +12,6 @@ regularisers alone: the model adds its own contrastive term (the fusion model's 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -108,19 +107,8 @@ def build_regularizer(spec: dict, seed: int = 0) -> tuple[str, float, nn.Module]
     """(name, weight, module) from ``{"name": "bridge", "weight": 0.1, **options}``; without a
     weight, the measured default of ``DEFAULT_WEIGHTS``."""
     spec = dict(spec)
-    raw = str(spec.pop("name", ""))
-    name = REGULARIZER_ALIASES.get(raw.lower(), raw.lower())
-    if name not in REGULARIZERS:
-        valid = ", ".join(sorted([*REGULARIZERS, *REGULARIZER_ALIASES]))
-        raise ValueError(f"unknown regularizer {raw!r}; valid names: {valid}")
+    name = REGULARIZERS.resolve(str(spec.pop("name", "")))
     weight = spec.pop("weight", DEFAULT_WEIGHTS[name])
     if not isinstance(weight, (int, float)) or weight < 0:
         raise ValueError(f"regularizer {name!r}: weight must be a non-negative number, got {weight!r}")
-    cls = REGULARIZERS[name]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    if "seed" in accepted:
-        spec.setdefault("seed", seed)
-    unknown = sorted(set(spec) - accepted)
-    if unknown:
-        raise ValueError(f"regularizer {name!r} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(sorted(accepted))}")
-    return name, float(weight), cls(**spec)
+    return name, float(weight), REGULARIZERS.build(name, fill={"seed": seed}, **spec)

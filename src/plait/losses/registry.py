@@ -2,38 +2,27 @@
 
 from __future__ import annotations
 
-import inspect
-
 from torch import nn
 
 from plait.losses.gamma import GammaContrastiveLoss
 from plait.losses.infonce import InfoNCELoss
 from plait.losses.sogclr import SogCLRLoss
+from plait.registry import Registry
 
-LOSSES: dict[str, type[nn.Module]] = {
-    "infonce": InfoNCELoss,
-    "gamma": GammaContrastiveLoss,
-    "sogclr": SogCLRLoss,
-}
-ALIASES = {"clip": "infonce", "ntxent": "infonce", "decomposable": "gamma"}
+LOSSES = Registry("loss")
+LOSSES.register("infonce", InfoNCELoss, aliases=("clip",))
+LOSSES.alias("ntxent", "infonce", defaults={"mode": "unimodal"})
+LOSSES.register("gamma", GammaContrastiveLoss, aliases=("decomposable",))
+LOSSES.register("sogclr", SogCLRLoss)
+ALIASES = LOSSES.aliases  # read-only view: alias -> canonical name
 
 
-def build_loss(name: str, **options) -> nn.Module:
+def build_loss(name: str, fill: dict | None = None, **options) -> nn.Module:
     """``build_loss("gamma", dataset_size=1000, estimator="memory")`` -> GammaContrastiveLoss.
 
     Names: infonce (aliases clip; ntxent, which defaults to mode="unimodal"), gamma
-    (decomposable), sogclr. Unknown names or options raise a ValueError that lists the valid ones.
+    (decomposable), sogclr. ``fill`` holds values passed only to a loss that takes them
+    (``fill={"dataset_size": n, "seed": s}``; given options win). Unknown names or options raise
+    a ValueError that lists the valid ones.
     """
-    key = str(name).lower()
-    if key == "ntxent":
-        options.setdefault("mode", "unimodal")
-    key = ALIASES.get(key, key)
-    if key not in LOSSES:
-        valid = ", ".join(sorted([*LOSSES, *ALIASES]))
-        raise ValueError(f"unknown loss {name!r}; valid names: {valid}")
-    cls = LOSSES[key]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"loss {key!r} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(accepted)}")
-    return cls(**options)
+    return LOSSES.build(name, fill=fill, **options)

@@ -13,15 +13,15 @@ from torch import nn
 from plait.models.text import BagOfWordsEncoder, MiniLMEncoder, TransformerTextEncoder, WordPieceTokenizer
 from plait.models.two_tower import MAX_LOGIT_SCALE, ProjectionHead, TwoTower
 from plait.models.vision import MLPEncoder, SmallCNN, SmallViT
+from plait.registry import Registry
 
-ENCODERS = {
-    "mlp": MLPEncoder,
-    "cnn": SmallCNN,
-    "vit": SmallViT,
-    "bow": BagOfWordsEncoder,
-    "transformer": TransformerTextEncoder,
-    "minilm": MiniLMEncoder,
-}
+ENCODERS = Registry("encoder")
+ENCODERS.register("mlp", MLPEncoder)
+ENCODERS.register("cnn", SmallCNN)
+ENCODERS.register("vit", SmallViT)
+ENCODERS.register("bow", BagOfWordsEncoder)
+ENCODERS.register("transformer", TransformerTextEncoder)
+ENCODERS.register("minilm", MiniLMEncoder)
 
 __all__ = [
     "BagOfWordsEncoder", "ENCODERS", "MAX_LOGIT_SCALE", "MLPEncoder", "MiniLMEncoder", "ProjectionHead", "SmallCNN",
@@ -95,7 +95,7 @@ def build_encoder(spec: dict, sample, allow_import: bool = False, key: str = "en
             raise ValueError(f"encoder {name!r} is not an nn.Module class (it is {type(cls).__name__} {cls!r:.60}); "
                              "--allow-import only constructs nn.Module subclasses")
     elif name in ENCODERS:
-        cls = ENCODERS[name]
+        cls = ENCODERS.get(name)
         _check_builtin_options(cls, spec, key)
     else:
         raise ValueError(f"unknown encoder {name!r}; valid: {', '.join(ENCODERS)} or 'package.module:Class'")
@@ -107,8 +107,8 @@ def build_encoder(spec: dict, sample, allow_import: bool = False, key: str = "en
         spec["image_size"] = sample.shape[-1]
     if "hidden" in spec and isinstance(spec["hidden"], list):
         spec["hidden"] = tuple(spec["hidden"])
-    try:
-        encoder = cls(**spec)
+    try:  # a built-in's options are checked by the registry (a ValueError listing them)
+        encoder = ENCODERS.build(name, **spec) if ":" not in name else cls(**spec)
     except TypeError as error:
         raise ValueError(f"encoder {name!r}: {error}") from error
     out_dim = getattr(encoder, "out_dim", None)
@@ -158,9 +158,6 @@ def _samples(inputs) -> tuple[list[str], tuple]:
     return spec["modalities"], samples
 
 
-MODEL_KINDS = ("two_tower", "fusion")
-
-
 def build_fusion(config: dict, inputs, independent: bool = False, device=None):
     """A ``FusionModel`` (ALBEF-style) from a config's ``model`` section: ``model.fusion`` holds
     its options over a preset (``{preset: tiny, queue_size: 1024, ...}``), ``model.embed_dim`` and
@@ -193,10 +190,14 @@ def build_model(config: dict, inputs, independent: bool = False, allow_import: b
     if not isinstance(config, dict):
         raise ValueError(f"model: expected a mapping, got {type(config).__name__}")
     kind = config.get("kind", "two_tower")
-    if kind not in MODEL_KINDS:
+    if kind not in MODEL_KINDS or MODEL_KINDS.resolve(kind) != kind:  # exactly as written: train.py compares it
         raise ValueError(f"model.kind={kind!r} is not a model kind; valid: {', '.join(MODEL_KINDS)}")
-    if kind == "fusion":
-        return build_fusion(config, inputs, independent=independent, device=device)
+    return MODEL_KINDS.build(kind, fill={"config": config, "inputs": inputs, "independent": independent,
+                                         "allow_import": allow_import, "device": device})
+
+
+def build_two_tower(config: dict, inputs, independent: bool = False, allow_import: bool = False, device=None) -> TwoTower:
+    """``model.kind: two_tower`` (the default) of :func:`build_model`."""
     modalities, (sample_a, sample_b) = _samples(inputs)
     embed_dim = config.get("embed_dim", 128)
     check_size("model.embed_dim", embed_dim)
@@ -233,3 +234,8 @@ def build_model(config: dict, inputs, independent: bool = False, allow_import: b
             projection_hidden=projection_hidden,
             independent=independent,
         )
+
+
+MODEL_KINDS = Registry("model kind")  # model.kind -> the builder of that model (called by build_model)
+MODEL_KINDS.register("two_tower", build_two_tower)
+MODEL_KINDS.register("fusion", build_fusion)

@@ -3,9 +3,13 @@
 from plait.losses.regularizers.bridge import BrownianBridge
 from plait.losses.regularizers.consistency import GeometricConsistency
 from plait.losses.regularizers.separation import FeatureSeparation
+from plait.registry import Registry
 
-REGULARIZERS = {"separation": FeatureSeparation, "bridge": BrownianBridge, "consistency": GeometricConsistency}
-REGULARIZER_ALIASES = {"sep": "separation", "br": "bridge", "gc": "consistency"}
+REGULARIZERS = Registry("regularizer")
+REGULARIZERS.register("separation", FeatureSeparation, aliases=("sep",))
+REGULARIZERS.register("bridge", BrownianBridge, aliases=("br",))
+REGULARIZERS.register("consistency", GeometricConsistency, aliases=("gc",))
+REGULARIZER_ALIASES = REGULARIZERS.aliases  # read-only view: alias -> canonical name
 # Weight of each regulariser when a config gives none; chosen by the UCI weight sweep
 # (plait experiment regularizers --sweep-weights; README, "Choosing the weights").
 DEFAULT_WEIGHTS = {"separation": 0.1, "bridge": 0.1, "consistency": 1.0}

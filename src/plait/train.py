@@ -50,16 +50,9 @@ MAX_CONSECUTIVE_SKIPS = 20  # train.on_nonfinite=skip stops anyway after this ma
 def build_base_loss(config: DictConfig, dataset_size: int, seed: int) -> nn.Module:
     """The config's loss, with ``dataset_size`` and ``seed`` filled in where it takes them."""
     from plait.losses import build_loss
-    from plait.losses.registry import ALIASES, LOSSES
 
     options = OmegaConf.to_container(config.loss.options, resolve=True) or {}
-    key = ALIASES.get(config.loss.name.lower(), config.loss.name.lower())
-    accepted = inspect.signature(LOSSES[key].__init__).parameters if key in LOSSES else {}
-    if "dataset_size" in accepted:
-        options.setdefault("dataset_size", dataset_size)
-    if "seed" in accepted:
-        options.setdefault("seed", seed)
-    return build_loss(config.loss.name, **options)
+    return build_loss(config.loss.name, fill={"dataset_size": dataset_size, "seed": seed}, **options)
 
 
 MODEL_ITC = "momentum_itc"  # loss.name of the fusion model's own ITC (momentum distillation over batch + queue)

@@ -89,3 +89,40 @@ def test_finetune_refuses_a_two_tower_model_and_bad_settings(tmp_path, capsys):
         finetune_config("vqa", ["epochs=many"])
     with pytest.raises(ValueError, match="lr must be positive"):
         finetune_config("vqa", ["lr=0"])
+
+
+def test_the_trainer_drives_the_fusion_models_seed_momentum_and_loss(tmp_path):
+    """The run's seed reaches the model's own draws; after_optimizer_step moves the momentum
+    copies by the EMA; the regulariser is in the back-propagated loss (not only logged)."""
+    from plait.models.contract import Batch
+
+    one, two = (Trainer(_config(tmp_path / f"s{seed}", f"seed={seed}", "optim.max_steps=1")) for seed in (0, 1))
+    assert (one.model.seed, two.model.seed) == (0, 1)
+    assert one.model.provides_augmented and one.loss_fn.needs_augmented is False
+    online = {name: [p.detach().clone() for p in getattr(one.model, name).parameters()] for name in one.model.momentum_names}
+    slow = {name: [p.clone() for p in one.model.momentum_models[name].parameters()] for name in one.model.momentum_names}
+    one.train_until(1)
+    m = one.model.momentum
+    for name in one.model.momentum_names:  # theta_m <- m theta_m + (1 - m) theta (theta after the step)
+        for before, after, fast in zip(slow[name], one.model.momentum_models[name].parameters(), getattr(one.model, name).parameters()):
+            torch.testing.assert_close(after, m * before + (1 - m) * fast.detach())
+        assert any(not torch.equal(a, b) for a, b in zip(online[name], getattr(one.model, name).parameters()))
+    reg = Trainer(_config(tmp_path / "r", "optim.max_steps=1", "regularizers=[{name: consistency, weight: 0.5}]"))
+    images, texts = torch.stack([reg.train_set[i][1] for i in range(8)]), [reg.train_set[i][2] for i in range(8)]
+    batch = Batch(torch.arange(8), images, texts)
+    state = {k: v.clone() for k, v in reg.model.state_dict().items()}
+    with_reg = reg.model.training_step(batch, reg.loss_fn)
+    reg.model.load_state_dict(state)  # the same draws again (steps, queue)
+    from plait.losses.objective import ContrastiveObjective
+
+    alone = reg.model.training_step(batch, ContrastiveObjective(None))
+    expected = alone.loss + reg.model.weights["itc"] * 0.5 * with_reg.terms["itc/consistency"]
+    torch.testing.assert_close(with_reg.loss, expected)
+
+
+def test_finetune_refuses_a_backbone_pretrained_on_other_splits_and_grad_clip_zero_trains(fusion_run, tmp_path):
+    with pytest.raises(ValueError, match="could have been pre-training pairs"):
+        finetune(fusion_run / "model.safetensors", "vqa", ["task_options={split_seed: 1}", "max_steps=1"])
+    a = finetune(fusion_run / "model.safetensors", "entailment", [f"output_dir={tmp_path}/a", "max_steps=3", "batch_size=16",
+                                                                  "grad_clip=0", "task_options={per_image: 0.2}"])
+    assert a["steps"] == 3 and json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])["loss"] > 0

@@ -72,6 +72,18 @@ def finetune_config(task: str, overrides: list[str] | tuple[str, ...] = ()) -> A
     return config
 
 
+def check_no_leak(pretrain, config, weights) -> None:
+    """The task's test emoji must not have been pre-training pairs: the backbone must have been
+    pre-trained on emoji's training split with the task's split (``test_fraction``, ``seed``)."""
+    options = OmegaConf.to_container(pretrain.data.options) or {}
+    task = OmegaConf.to_container(config.task_options) or {}
+    wanted = {"test_fraction": task.get("test_fraction", 0.2), "seed": task.get("split_seed", 0)}
+    used = {"test_fraction": options.get("test_fraction", 0.2), "seed": options.get("seed", 0)}
+    if pretrain.data.name not in ("emoji", "twemoji") or used != wanted:
+        raise ValueError(f"{weights}: pre-trained on {pretrain.data.name} with {used}, the {config.task} task splits emoji with "
+                         f"{wanted}: its test emoji could have been pre-training pairs (set task_options.test_fraction / split_seed to match)")
+
+
 def _loader(dataset, batch_size: int, generator: torch.Generator | None = None):
     from plait.data.tasks import collate_task
 
@@ -105,6 +117,7 @@ def finetune(weights: str | Path, task: str, overrides: list[str] | tuple[str, .
     backbone, pretrain = load_model(weights, allow_import=allow_import)
     if not isinstance(backbone, FusionModel):
         raise ValueError(f"{weights}: fine-tuning needs a fusion model (model.kind: fusion), this is a {type(backbone).__name__}")
+    check_no_leak(pretrain, config, weights)
     out = Path(config.output_dir or Path(weights).parent / f"finetune-{config.task}")
     runtime.seed_everything(config.seed)
     device = runtime.select_device(config.device)
@@ -144,7 +157,9 @@ def finetune(weights: str | Path, task: str, overrides: list[str] | tuple[str, .
             loss = nn.functional.cross_entropy(logits.float(), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            norm = nn.utils.clip_grad_norm_(classifier.parameters(), config.grad_clip)
+            parameters = [p for p in classifier.parameters() if p.grad is not None]
+            norm = (nn.utils.clip_grad_norm_(parameters, config.grad_clip) if config.grad_clip > 0  # 0: no clipping
+                    else nn.utils.get_total_norm([p.grad for p in parameters]))
             if not (math.isfinite(float(loss.detach())) and math.isfinite(float(norm))):
                 raise ValueError(f"non-finite {'loss' if not math.isfinite(float(loss.detach())) else 'gradient'} at fine-tuning step {step} "
                                  f"(epoch {epoch}, items {index[:8].tolist()}); lower lr")

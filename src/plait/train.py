@@ -170,6 +170,11 @@ def _degenerate_features(features, index: torch.Tensor) -> str | None:
     return None
 
 
+def _finite_or_none(record: dict) -> dict:
+    """A metrics record with non-finite floats as null: strict JSON (``NaN`` is not JSON)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
 class Trainer:
     """Builds everything a config names and runs (or resumes) it."""
 
@@ -213,8 +218,11 @@ class Trainer:
             raise ValueError(f"eval.features={config.eval.features!r} needs a model with independent heads, which only a "
                              "separation regularizer gives (regularizers=[{name: separation, ...}]); use eval.features=shared")
         self.inputs = input_spec(self.train_set)  # stored with the weights: a saved model is rebuilt without its data
-        self.model = build_model(OmegaConf.to_container(config.model, resolve=True), self.inputs,
-                                 independent=self.loss_fn.needs_independent, allow_import=allow_import).to(self.device)
+        spec = OmegaConf.to_container(config.model, resolve=True)
+        if spec.get("kind") == "fusion":  # the model's own draws (MLM masks, hard negatives) follow the run's seed
+            spec["fusion"] = {"seed": config.seed, **(spec.get("fusion") or {})}
+        self.model = build_model(spec, self.inputs, independent=self.loss_fn.needs_independent,
+                                 allow_import=allow_import).to(self.device)
         self.momentum_model = self._momentum_copy()
         self.sampler = EpochSampler(len(self.train_set), config.seed)
         self.loader = torch.utils.data.DataLoader(
@@ -318,7 +326,7 @@ class Trainer:
         a = a.to(self.device, non_blocking=True) if torch.is_tensor(a) else list(a)
         b = b.to(self.device, non_blocking=True) if torch.is_tensor(b) else list(b)
         a_aug = b_aug = None
-        if self.loss_fn.needs_augmented:
+        if self.loss_fn.needs_augmented and not getattr(self.model, "provides_augmented", False):
             a_aug, b_aug = self._augmented("a", a, index), self._augmented("b", b, index)
         if self._augment_views[0]:
             a = self._augmented("a", a, index)
@@ -389,7 +397,7 @@ class Trainer:
             if fault is None:
                 raise
             return self._fault(fault, index)
-        loss, features, self.terms = out.loss, out.features, out.terms
+        loss, features = out.loss, out.features
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -421,6 +429,7 @@ class Trainer:
         if self.momentum_model is not None:
             self._update_momentum()
         self.consecutive_skips = 0
+        self.terms = out.terms  # the named terms of a step taken (a skipped step's are not logged)
         return loss.detach()
 
     def _fault(self, what: str, index: torch.Tensor) -> None:
@@ -723,7 +732,7 @@ class Trainer:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(json.dumps(_finite_or_none(record)) + "\n")
         except OSError as error:  # a full disk, a read-only directory: one line (a resume drops a torn line)
             raise WriteError(error.errno, f"could not append to {display_path(path)}: {error.strerror or error} "
                                           f"(step {record.get('step')}; {self._last_good()})") from None

@@ -338,6 +338,7 @@ class FusionModel(ContrastiveModel):
         return (terms, features) if return_features else terms
 
     # ------------------------------------------------------------------------------ the model contract
+    provides_augmented = True  # the momentum features are the regularisers' augmented views: no second view needed
     def contrastive_features(self, batch: Batch):
         """The ITC features of a batch without the momentum copies (a, b, index, scale)."""
         from plait.losses.objective import PairFeatures

@@ -269,6 +269,9 @@ class Trainer:
             return None
         if not 0.0 < momentum < 1.0:
             raise ValueError(f"train.bank_momentum must be in [0, 1), got {momentum}")
+        if self.config.model.kind == "fusion":
+            raise ValueError("train.bank_momentum is for two-tower models; a fusion model has its own momentum encoders "
+                             "(model.fusion.momentum)")
         base = self.loss_fn.base
         if not hasattr(base, "resolved_estimator") or base.resolved_estimator(self.config.model.embed_dim) != "memory":
             raise ValueError("train.bank_momentum needs the gamma loss with a memory bank (loss.options.estimator: memory)")
@@ -419,15 +422,19 @@ class Trainer:
                 cause = _degenerate_features(features, index)
                 return self._fault("non-finite loss" + (f" ({cause})" if cause else ""), index)
             return self._fault(f"non-finite gradient (total norm {float(norm)}; loss {float(loss.detach()):.4g})", index)
+        taken = True
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            taken = self.scaler.get_scale() >= scale  # a lowered scale: the scaler skipped an overflowing step
         else:
             self.optimizer.step()
         self.scheduler.step()
-        self.model.after_optimizer_step()
-        if self.momentum_model is not None:
-            self._update_momentum()
+        if taken:  # momentum encoders follow only the steps the optimizer took
+            self.model.after_optimizer_step()
+            if self.momentum_model is not None:
+                self._update_momentum()
         self.consecutive_skips = 0
         self.terms = out.terms  # the named terms of a step taken (a skipped step's are not logged)
         return loss.detach()

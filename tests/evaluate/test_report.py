@@ -239,3 +239,20 @@ def test_report_draws_the_validation_curves_when_there_are_any(tmp_path):
     text = write_report(run).read_text()
     assert "3 evaluations on the validation split, at epoch 1, 2, 3;" in text
     assert (run / "eval.png").is_file()
+
+
+def test_a_fusion_runs_loss_terms_are_drawn_beside_its_loss(tmp_path, monkeypatch):
+    records = [{"step": k, "epoch": 0, "loss": 3.0 + k, "itc": 1.0, "itm": 0.5 + k, "mlm": 1.5} for k in (1, 2, 3)]
+    run = _write_jsonl(tmp_path / "fusion", records)
+    drawn = {}
+    save = report_module.save_figure
+
+    def spy(figure, path, *args, **kwargs):
+        drawn[Path(path).name] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                                  for ax in figure.axes for line in ax.get_lines()}
+        return save(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(report_module, "save_figure", spy)
+    write_report(run)
+    assert drawn["loss.png"]["itm"] == ([1, 2, 3], [1.5, 2.5, 3.5])
+    assert set(drawn["loss.png"]) == {"train loss", "itc", "itm", "mlm"}

@@ -149,8 +149,12 @@ def eval_positions(evals: list[dict]) -> tuple[str, list]:
     return x, sorted({r[x] for r in evals if _is_number(r.get(x))})
 
 
+LOSS_TERMS = ("itc", "itm", "mlm")  # named terms drawn beside the loss (the fusion model's)
+
+
 def plot_loss(train: list[dict], evals: list[dict], path: Path) -> Path | None:
-    """Training loss (and evaluation loss, when logged) against step; None without any."""
+    """Training loss (and evaluation loss, and the fusion model's ITC / ITM / MLM terms, when
+    logged) against step; None without any."""
     from matplotlib.figure import Figure
 
     points = [(r["step"], r["loss"]) for r in train if _is_number(r.get("step")) and _is_number(r.get("loss"))]
@@ -169,6 +173,11 @@ def plot_loss(train: list[dict], evals: list[dict], path: Path) -> Path | None:
     if eval_loss:
         steps, losses = np.array(eval_loss, dtype=float).T
         ax.plot(steps, losses, "o-", color="tab:orange", label="eval loss")
+    for term in LOSS_TERMS:  # a fusion model's pre-training terms, when logged
+        curve = [(r["step"], r[term]) for r in train if _is_number(r.get("step")) and _is_number(r.get(term))]
+        if curve:
+            steps, values = np.array(curve, dtype=float).T
+            ax.plot(steps, values, "--", lw=1, label=term)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("loss")

@@ -256,3 +256,14 @@ def test_a_fusion_runs_loss_terms_are_drawn_beside_its_loss(tmp_path, monkeypatc
     write_report(run)
     assert drawn["loss.png"]["itm"] == ([1, 2, 3], [1.5, 2.5, 3.5])
     assert set(drawn["loss.png"]) == {"train loss", "itc", "itm", "mlm"}
+
+
+def test_fine_tuning_results_of_a_fusion_run_are_tabulated(tmp_path):
+    run = _write_jsonl(tmp_path / "fusion", [{"step": 1, "epoch": 0, "loss": 3.0}])
+    (run / "finetune-vqa").mkdir()
+    (run / "finetune-vqa" / "finetune.json").write_text(json.dumps(
+        {"task": "vqa", "steps": 528, "metrics": {"test_accuracy": 0.40125, "validation_accuracy": 0.5}}))
+    (run / "finetune-reasoning").mkdir()
+    (run / "finetune-reasoning" / "finetune.json").write_text("{torn")
+    text = write_report(run).read_text()
+    assert "## Fine-tuning" in text and "| vqa | 528 | 50.0 | 40.1 |" in text and "reasoning" not in text

@@ -383,6 +383,12 @@ def write_report(run_dir: str | Path, fmt: str = "md", max_gallery: int = 16) ->
     else:
         blocks.append(("p", "No final metrics (eval.json) found."))
 
+    tuned = read_finetuning(run_dir)
+    if tuned:
+        blocks.append(("h2", "Fine-tuning"))
+        blocks.append(("p", "plait finetune results of this run's backbone (finetune-TASK/finetune.json), accuracy in percent."))
+        blocks.append(("table", ("task", "steps", "validation accuracy", "test accuracy"), tuned))
+
     gallery = read_gallery(run_dir / "gallery.npz")
     if gallery is not None:
         picture = plot_gallery(gallery, run_dir / "gallery.png", max_gallery)
@@ -403,6 +409,25 @@ def write_report(run_dir: str | Path, fmt: str = "md", max_gallery: int = 16) ->
     out = run_dir / f"report.{fmt}"
     atomic_write_text(out, _render_md(blocks) if fmt == "md" else _render_html(blocks, run_dir.resolve().name))
     return out
+
+
+def read_finetuning(run_dir: Path) -> list[tuple]:
+    """(task, steps, validation %, test %) of every ``finetune-*/finetune.json`` in ``run_dir``."""
+    rows = []
+    for path in sorted(run_dir.glob("finetune-*/finetune.json")):
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+            metrics = result["metrics"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a file being written or not plait's: the report shows what it can read
+
+        def percent(key):
+            value = metrics.get(key)
+            return f"{100 * value:.1f}" if _is_number(value) else "-"
+
+        rows.append((str(result.get("task", path.parent.name)), str(result.get("steps", "-")),
+                     percent("validation_accuracy"), percent("test_accuracy")))
+    return rows
 
 
 def _render_md(blocks: list[tuple]) -> str:

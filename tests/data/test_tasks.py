@@ -25,8 +25,6 @@ from plait.data.tasks import (
 SIZE = 8
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "tasks.md"
 TONE_NAMES = {0x1F3FB: "light", 0x1F3FC: "medium-light", 0x1F3FD: "medium", 0x1F3FE: "medium-dark", 0x1F3FF: "dark"}
-UNDECIDED = {"was drawn by a left-handed artist", "is my favourite emoji", "will be the next emoji I send",
-             "is used more often on weekends", "was drawn on a Monday"}
 
 
 @pytest.fixture(scope="module")
@@ -115,26 +113,19 @@ def reasoning_truth(f: Facts, left: int, right: int, statement: str) -> bool:
 
 
 def entailment_label(f: Facts, k: int, hypothesis: str) -> str:
-    """Kleene logic over the metadata: True / False / None (undecided) -> entailment / contradiction / neutral."""
+    """True / False / undecided by the metadata -> entailment / contradiction / neutral."""
     def value(v):
         return {True: "entailment", False: "contradiction", None: "neutral"}[v]
 
-    if m := re.fullmatch(r"this emoji shows a (woman|man)\.", hypothesis):
+    if m := re.fullmatch(r"this emoji shows a (woman|man)\.|a (woman|man) is shown in this emoji\.", hypothesis):
         g = f.gender(k)
         assert g is not None, f"gender hypothesis on {f.ds.texts[k]!r}"
-        return value(None if g == "unspecified" else (g == "female") == (m.group(1) == "woman"))
-    if m := re.fullmatch(r"this emoji shows (light|medium-light|medium|medium-dark|dark) skin\.", hypothesis):
-        assert f.toneable[k] and len(f.tones[k]) <= 1
-        return value(None if not f.tones[k] else m.group(1) in f.tones[k])
-    m = re.fullmatch(r"(?:this is an emoji from the (group)|this emoji is in the (subgroup)) (.+?)(?: (and|or) it (.+))?\.", hypothesis)
+        return value(None if g == "unspecified" else (g == "female") == ((m.group(1) or m.group(2)) == "woman"))
+    tones = "light|medium-light|medium|medium-dark|dark"
+    m = re.fullmatch(rf"this emoji shows ({tones}) skin\.|the skin tone in this emoji is ({tones})\.", hypothesis)
     assert m, hypothesis
-    claim = (f.group[k] if m.group(1) else f.subgroup[k]) == m.group(3)
-    if m.group(4) is None:
-        return value(claim)
-    assert m.group(5) in UNDECIDED
-    if m.group(4) == "and":
-        return value(None if claim else False)
-    return value(True if claim else None)
+    assert f.toneable[k] and len(f.tones[k]) <= 1
+    return value(None if not f.tones[k] else (m.group(1) or m.group(2)) in f.tones[k])
 
 
 def check_images(task, f, where, items=200):
@@ -245,25 +236,26 @@ def test_reasoning_balance(tasks):
         assert len({k for k in per if k[0] == "kind"}) == 6
 
 
-def test_entailment_balance(tasks):
-    allowed = {"group": {"entailment", "contradiction"}, "subgroup": {"entailment", "contradiction"},
-               "group_and": {"neutral", "contradiction"}, "subgroup_and": {"neutral", "contradiction"},
-               "group_or": {"entailment", "neutral"}, "subgroup_or": {"entailment", "neutral"},
-               "gender": {"entailment", "neutral", "contradiction"}, "tone": {"entailment", "neutral", "contradiction"}}
+def test_entailment_balance(tasks, emoji):
     for split in ("train", "test"):
         task = tasks["entailment", split]
+        f, where = facts_of(task, emoji)
         assert Counter(task.answer_texts) == {name: len(task) // 3 for name in task.label_names}
-        per_kind, per_text, per_image = defaultdict(Counter), defaultdict(Counter), defaultdict(Counter)
+        assert Counter(task.kinds) == {"gender": len(task) // 2, "tone": len(task) // 2}
+        per_kind, per_text, per_image, types = defaultdict(Counter), defaultdict(Counter), defaultdict(Counter), Counter()
         for text, kind, j, answer in zip(task.texts, task.kinds, task.image_index, task.answer_texts):
             per_kind[kind][answer] += 1
             per_text[text][answer] += 1
             per_image[int(j)][answer] += 1
-        for kind, counts in per_kind.items():
-            assert set(counts) == allowed[kind] and len(set(counts.values())) == 1
-        for text, counts in per_text.items():
-            assert len(set(counts.values())) == 1, f"{text!r} has its possible labels equally often: {counts}"
-        assert all(set(c.values()) == {c["entailment"]} and len(c) == 3 for c in per_image.values()), \
+            k = where[j]
+            types[f.gender(k) == "unspecified", bool(f.tones[k])] += 1
+        for counts in (*per_kind.values(), *per_text.values()):
+            assert len(counts) == 3 and len(set(counts.values())) == 1, "every kind and text one third each label"
+        assert len(per_text) == 2 * 2 + 2 * 5, "two phrasings of each gender and each tone"
+        assert all(len(c) == 3 and len(set(c.values())) == 1 for c in per_image.values()), \
             "every image once per label (or a multiple)"
+        # images: gendered default-tone and gender-open toned, in equal numbers
+        assert types == {(False, False): len(task) // 2, (True, True): len(task) // 2}
 
 
 def test_validation_carve_keeps_bases_apart(tasks, emoji):

@@ -5,8 +5,8 @@ split by base emoji, so no base emoji is in both) and deterministic under ``seed
 
 - :class:`EmojiVQA`: an image and a question, the answer one of an answer vocabulary;
 - :class:`EmojiReasoning` (NLVR2-like): two images and a statement, true or false;
-- :class:`EmojiEntailment` (SNLI-VE-like): an image and a hypothesis, entailment / neutral /
-  contradiction.
+- :class:`EmojiEntailment` (SNLI-VE-like): an image and a hypothesis (a person's gender or skin
+  tone), entailment / neutral / contradiction.
 
 Every answer follows from the emoji metadata (English name, Unicode group and subgroup, skin-tone
 code points). Items are ``(index, image, text, label)``: ``image`` float32 (3, S, S) in [0, 1]
@@ -54,14 +54,6 @@ MALE = frozenset({"man", "men", "boy", "prince", "merman"})
 FEMALE = frozenset({"woman", "women", "girl", "princess", "mermaid"})
 UNSPECIFIED = frozenset({"person", "people", "child", "adult", "baby", "merperson"})
 PEOPLE_GROUP = "people & body"
-# Claims the emoji data does not encode at all: neither the image nor its metadata decides them.
-UNDECIDABLE = (
-    "was drawn by a left-handed artist",
-    "is my favourite emoji",
-    "will be the next emoji I send",
-    "is used more often on weekends",
-    "was drawn on a Monday",
-)
 
 
 def name_tokens(caption: str) -> set[str]:
@@ -506,44 +498,40 @@ class EmojiEntailment(EmojiTask):
     """Visual entailment on emoji (SNLI-VE-like): an image (3, S, S) and a hypothesis; label 0
     "entailment", 1 "neutral" or 2 "contradiction".
 
-    Definition, from the emoji's metadata (group, subgroup, name, skin-tone code points):
+    Definition, from the emoji's metadata (group, name, skin-tone code points):
 
     - **entailment**: the hypothesis is true of the emoji;
     - **contradiction**: it is false of the emoji;
-    - **neutral**: neither the image nor its metadata decides it. Three sources only: (a) the
-      gender of a person whose name leaves it open (person, people, child, adult, baby: "this emoji
-      shows a woman" about "person cook"); (b) the skin tone of an emoji that has skin-tone variants
-      but is the default one, without a modifier (Unicode's generic, non-realistic yellow: "this
-      emoji shows dark skin" about "thumbs up"); (c) a claim about something the data does not
-      encode at all (:data:`UNDECIDABLE`: who drew it, when, how it is used), joined to a decided
-      claim with "and" (true + undecided = undecided; false + anything = false) or "or"
-      (true + anything = true; false + undecided = undecided).
+    - **neutral**: neither the image nor its metadata decides it. Two sources, each with the *same*
+      hypothesis wording that other images make true or false: (a) the gender of a person whose
+      name leaves it open (person, people, child, adult, baby, merperson: "this emoji shows a
+      woman." about "person cook medium skin tone"); (b) the skin tone of an emoji that has
+      skin-tone variants but is the default one, without a modifier (Unicode's generic,
+      non-realistic yellow: "this emoji shows dark skin." about "woman cook").
 
-    Hypothesis kinds (``kinds``): ``group`` "this is an emoji from the group G." and ``subgroup``
-    "this emoji is in the subgroup S." (entailment / contradiction); ``group_and`` / ``subgroup_and``
-    "... and it U." (neutral / contradiction); ``group_or`` / ``subgroup_or`` "... or it U."
-    (entailment / neutral); ``gender`` "this emoji shows a woman|man." and ``tone`` "this emoji
-    shows T skin." (all three). Within a kind, every hypothesis text has each label it can take
-    equally often.
+    Hypothesis kinds (``kinds``): ``gender`` (:data:`GENDER` phrasings x woman / man) and ``tone``
+    (:data:`TONE` phrasings x the five tones). Every exact hypothesis text has each of the three
+    labels equally often, so the text alone says nothing about the label.
 
-    Every drawn image gets exactly three items, one per label (so an image alone says nothing):
-    people with a gender word or a neutral person word and skin-tone variants take the gender and
-    tone hypotheses (gendered default, neutral toned, gendered toned, neutral default, in equal
-    numbers, so a hypothesis's label does not follow from the image's tone or gender type alone);
-    the rest of their three labels and all other images (drawn group-balanced) take group/subgroup
-    hypotheses. The text alone can still tell which two labels a group/subgroup hypothesis can take
-    (the words "and" / "or" / neither), which is why the text-only baseline sits above 1/3 (see
-    docs/tasks.md).
+    Images: people & body emoji of two types, drawn in equal numbers (a base uniformly, then one of
+    its variants): *gendered default* (a woman or man word, no skin-tone modifier; half women, half
+    men) and *gender-open toned* (a person word, one skin-tone modifier; the five tones equally
+    often). Each drawn image gets exactly three items, one per label (so the image alone says
+    nothing either): a gendered default image takes its own gender (entailment), the other gender
+    in the same phrasing (contradiction) and a tone hypothesis (neutral); a gender-open toned image
+    takes its own tone (entailment), another image's tone text of a different tone (contradiction)
+    and a gender hypothesis (neutral). The neutral texts are the entailment texts of the other type,
+    permuted, which makes every text exactly one third each label.
 
     ``per_image``: items = about ``per_image`` x the number of emoji in the split (a multiple of 60).
     """
 
     task = "entailment"
-    KINDS = ("group", "subgroup", "group_and", "subgroup_and", "group_or", "subgroup_or", "gender", "tone")
+    KINDS = ("gender", "tone")
     LABELS = ("entailment", "neutral", "contradiction")
-    CLAIM = {"group": "this is an emoji from the group {}", "subgroup": "this emoji is in the subgroup {}"}
-    GENDER = {"female": "this emoji shows a woman.", "male": "this emoji shows a man."}
-    TONE = "this emoji shows {} skin."
+    GENDER = ("this emoji shows a {}.", "a {} is shown in this emoji.")
+    TONE = ("this emoji shows {} skin.", "the skin tone in this emoji is {}.")
+    WORD = {"female": "woman", "male": "man"}
 
     def __init__(self, split: str = "train", image_size: int = 32, seed: int = 0, per_image: float = 2.0,
                  test_fraction: float = 0.2, split_seed: int = 0, cache_dir=None):
@@ -555,94 +543,41 @@ class EmojiEntailment(EmojiTask):
         E, N, C = self.LABELS
         rng = np.random.default_rng(self.seed)
         meta, m = self.meta, len(self.emoji)
-        unit = 2 * max(1, int(round(self.per_image * m / 60)))  # images of each people type (even); 30 items per unit
+        unit = 2 * max(1, int(round(self.per_image * m / 60)))  # 30 items per unit
+        n = 5 * unit  # images of each type: even (women = men), a multiple of 5 (one fifth per tone)
         gender = np.array([x or "" for x in meta.gender])
-        gendered = np.isin(gender, ["female", "male"])
-        neutral = gender == "unspecified"
-        single = meta.tone >= 0
         default = meta.toneable & (meta.tone == -1)
+        toned = (gender == "unspecified") & (meta.tone >= 0)
 
-        def people(mask, n, balance=None):
-            """n emoji of ``mask`` by base then variant; ``balance`` = (attribute array, values) to
-            spread exactly over (gender or tone)."""
-            if balance is None:
-                return _draw(rng, meta, np.flatnonzero(mask), n, by_group=False).tolist()
-            values, options = balance
-            wanted = _balanced(rng, options, n)
-            return [int(_draw(rng, meta, np.flatnonzero(mask & (values == v)), 1, by_group=False)[0]) for v in wanted]
+        def draw(mask, values, options):
+            """len(options)-balanced picks of ``values``; for each, an emoji of ``mask`` with it (base, then variant)."""
+            return [int(_draw(rng, meta, np.flatnonzero(mask & (values == v)), 1, by_group=False)[0])
+                    for v in _balanced(rng, options, n)]
 
-        tone_of = meta.tone
-        gy = people(gendered & default, unit, (gender, ["female", "male"]))
-        gt_gender = people(gendered & single, unit, (gender, ["female", "male"]))
-        gt_tone = people(gendered & single, unit, (tone_of, list(range(5))))
-        nt = people(neutral & single, unit, (tone_of, list(range(5))))
-        ny_gender = people(neutral & default, unit)
-        ny_tone = people(neutral & default, unit)
-
+        gd = draw(default, gender, ["female", "male"])  # gendered, default (yellow) tone
+        nt = draw(toned, meta.tone, list(range(5)))  # gender-open, one skin tone
+        # phrasings: the same sequence for women and men, so each phrasing has as many of both
+        sequence = _balanced(rng, range(len(self.GENDER)), n // 2)
+        position = {"female": 0, "male": 0}
         rows = []
-        # gender: own (E) and opposite (C) on gendered images; the same texts, permuted, on neutral images (N)
-        own = [self.GENDER[gender[j]] for j in gy + gt_gender]
-        opposite = {"female": self.GENDER["male"], "male": self.GENDER["female"]}
-        for j in gy + gt_gender:
-            rows.append((j, "gender", self.GENDER[gender[j]], E))
-            rows.append((j, "gender", opposite[gender[j]], C))
-        for j, k in zip(nt + ny_gender, rng.permutation(len(own))):
-            rows.append((j, "gender", own[int(k)], N))
-        # tone: own (E) and another tone (C) on toned images; the same texts, permuted, on default ones (N)
-        toned = nt + gt_tone
-        texts = [self.TONE.format(TONES[tone_of[j]]) for j in toned]
-        p = match(rng, len(toned), lambda k, r: tone_of[toned[r]] != tone_of[toned[k]])
-        for k, j in enumerate(toned):
-            rows.append((j, "tone", texts[k], E))
-            rows.append((toned[int(p[k])], "tone", texts[k], C))
-        for j, k in zip(gy + ny_tone, rng.permutation(len(texts))):
-            rows.append((j, "tone", texts[int(k)], N))
-
-        # group/subgroup slots: (image, template, atom, own?) where own = about the image's own group/subgroup
-        slots = []
-        for j in gt_gender + gt_tone:  # their third label: neutral, "S and U" about their own subgroup
-            slots.append((j, "and", "subgroup", True))
-        for j in ny_gender + ny_tone:  # entailment and contradiction: "S" own, "S'" another
-            slots += [(j, "plain", "subgroup", True), (j, "plain", "subgroup", False)]
-        t1 = unit * 1  # triads: plain own (E), and own (N), plain other (C)
-        t2 = t1 + len(gt_gender) + len(gt_tone)  # triads: or own (E), or other (N), and other (C)
-        others = _draw(rng, meta, np.arange(m), t1 + t2).tolist()
-        for j in others[:t1]:  # group claims here: the people slots above are about subgroups
-            slots += [(j, "plain", "group", True), (j, "plain", "group", False), (j, "and", "group", True)]
-        # the "and other" atoms of t2 match the "and own" atoms of everyone else, count for count
-        and_own = Counter(a for (_, t, a, o) in slots if t == "and" and o)
-        and_other = [a for a, c in sorted(and_own.items()) for _ in range(c)]
-        and_other = [and_other[k] for k in rng.permutation(len(and_other))]
-        atoms_t2 = _balanced(rng, ["group", "subgroup"], t2)
-        for j, atom, other_atom in zip(others[t1:], atoms_t2, and_other):
-            slots += [(j, "or", atom, True), (j, "or", atom, False), (j, "and", other_atom, False)]
-
-        label = {("plain", True): E, ("plain", False): C, ("and", True): N, ("and", False): C, ("or", True): E, ("or", False): N}
-        for template in ("plain", "and", "or"):
-            for atom in ("group", "subgroup"):
-                mine = [sl for sl in slots if sl[1] == template and sl[2] == atom]
-                owners = [sl[0] for sl in mine if sl[3]]
-                takers = [sl[0] for sl in mine if not sl[3]]
-                if len(owners) != len(takers):
-                    raise AssertionError("unbalanced entailment slots")  # construction guarantees equality
-                if not owners:
-                    continue
-                key = meta.group if atom == "group" else meta.subgroup
-                names = meta.group_names if atom == "group" else meta.subgroup_names
-                p = match(rng, len(owners), lambda k, r: key[takers[r]] != key[owners[k]])
-                phrases = [self._phrase(template, atom, names[key[j]], rng) for j in owners]
-                kind = atom if template == "plain" else f"{atom}_{template}"
-                for k, j in enumerate(owners):
-                    rows.append((j, kind, phrases[k], label[template, True]))
-                    rows.append((takers[int(p[k])], kind, phrases[k], label[template, False]))
+        gender_texts = []  # the entailment gender texts, given again (permuted) to the neutral images
+        for j in gd:
+            g = gender[j]
+            phrase = self.GENDER[sequence[position[g]]]
+            position[g] += 1
+            own, other = phrase.format(self.WORD[g]), phrase.format(self.WORD["male" if g == "female" else "female"])
+            rows += [(j, "gender", own, E), (j, "gender", other, C)]
+            gender_texts.append(own)
+        phrasing = _balanced(rng, range(len(self.TONE)), n)
+        tone_texts = [self.TONE[q].format(TONES[meta.tone[j]]) for j, q in zip(nt, phrasing)]
+        p = match(rng, n, lambda k, r: meta.tone[nt[r]] != meta.tone[nt[k]])
+        for k, j in enumerate(nt):
+            rows += [(j, "tone", tone_texts[k], E), (nt[int(p[k])], "tone", tone_texts[k], C)]
+        for j, k in zip(nt, rng.permutation(n)):
+            rows.append((j, "gender", gender_texts[int(k)], N))
+        for j, k in zip(gd, rng.permutation(n)):
+            rows.append((j, "tone", tone_texts[int(k)], N))
         self._finish(rows, rng)
-
-    def _phrase(self, template: str, atom: str, name: str, rng: np.random.Generator) -> str:
-        claim = self.CLAIM[atom].format(name)
-        if template == "plain":
-            return claim + "."
-        clause = UNDECIDABLE[rng.integers(len(UNDECIDABLE))]
-        return f"{claim} {template} it {clause}."
 
 
 TASKS: dict[str, type[EmojiTask]] = {"vqa": EmojiVQA, "reasoning": EmojiReasoning, "entailment": EmojiEntailment}

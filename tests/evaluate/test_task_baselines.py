@@ -54,11 +54,9 @@ def test_single_modalities_at_chance(results):
         assert r["text_only"] <= texts + 1e-12 and r["image_only"] <= images + 1e-12
         if name == "reasoning":  # every statement and every pair as often true as false
             assert texts == images == 0.5 and r["text_only"] == r["image_only"] == 0.5
-        if name == "entailment":  # every image once per label; a text has two or three labels, equally often
+        if name == "entailment":  # every image and every exact text once per label: both single modalities at chance
             assert images == pytest.approx(1 / 3) and r["image_only"] == pytest.approx(1 / 3)
-            assert texts == pytest.approx(r["kind_prior"]) and r["text_only"] == pytest.approx(texts)
-            assert 0.40 < texts < 0.45
-            assert 0.4 < r["text_neutral_recall"] < 0.5 and r["text_neutral_precision"] == pytest.approx(0.5)
+            assert texts == pytest.approx(1 / 3) and r["text_only"] == pytest.approx(1 / 3)
         if name == "vqa":  # text-only is the question-kind prior, image-only below the majority answer
             assert abs(r["text_only"] - r["kind_prior"]) < 0.02 and r["image_only"] < r["majority"] + 0.02
         assert set(r["per_kind"]) == set(test.kinds)

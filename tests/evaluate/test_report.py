@@ -176,15 +176,7 @@ def test_evaluation_curves_against_epoch_in_percent(tmp_path, monkeypatch):
     assert x == "epoch"
     assert curves == {"text_retrieval_recall@1": {1: 0.25, 2: 0.5, 3: 0.75}, "lp_acc1": {1: 0.5, 2: 0.625, 3: 0.875}}
 
-    drawn = {}
-    save = report_module.save_figure
-
-    def spy(figure, path, *args, **kwargs):
-        drawn[Path(path).name] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
-                                  for ax in figure.axes for line in ax.get_lines()}
-        return save(figure, path, *args, **kwargs)
-
-    monkeypatch.setattr(report_module, "save_figure", spy)
+    drawn = _spy_on_figures(monkeypatch)
     text = write_report(run).read_text()
     assert "](eval.png)" in text and (run / "eval.png").read_bytes()[:8] == PNG
     assert "3 evaluations on the test split, at epoch 1, 2, 3;" in text
@@ -203,15 +195,7 @@ def test_staleness_panel_and_unknown_splits(tmp_path, monkeypatch):
     train, evals = read_metrics(run)
     assert len(train) == 30 and evals == []
 
-    drawn = {}
-    save = report_module.save_figure
-
-    def spy(figure, path, *args, **kwargs):
-        drawn[Path(path).name] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
-                                  for ax in figure.axes for line in ax.get_lines()}
-        return save(figure, path, *args, **kwargs)
-
-    monkeypatch.setattr(report_module, "save_figure", spy)
+    drawn = _spy_on_figures(monkeypatch)
     text = write_report(run).read_text()
     assert "## Staleness" in text and "](staleness.png)" in text and (run / "staleness.png").read_bytes()[:8] == PNG
     assert drawn["staleness.png"] == {"staleness_log_error": ([1, 2, 3], [-0.25, -0.5, -0.75]),
@@ -244,15 +228,7 @@ def test_report_draws_the_validation_curves_when_there_are_any(tmp_path):
 def test_a_fusion_runs_loss_terms_are_drawn_beside_its_loss(tmp_path, monkeypatch):
     records = [{"step": k, "epoch": 0, "loss": 3.0 + k, "itc": 1.0, "itm": 0.5 + k, "mlm": 1.5} for k in (1, 2, 3)]
     run = _write_jsonl(tmp_path / "fusion", records)
-    drawn = {}
-    save = report_module.save_figure
-
-    def spy(figure, path, *args, **kwargs):
-        drawn[Path(path).name] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
-                                  for ax in figure.axes for line in ax.get_lines()}
-        return save(figure, path, *args, **kwargs)
-
-    monkeypatch.setattr(report_module, "save_figure", spy)
+    drawn = _spy_on_figures(monkeypatch)
     write_report(run)
     assert drawn["loss.png"]["itm"] == ([1, 2, 3], [1.5, 2.5, 3.5])
     assert set(drawn["loss.png"]) == {"train loss", "itc", "itm", "mlm"}
@@ -267,3 +243,17 @@ def test_fine_tuning_results_of_a_fusion_run_are_tabulated(tmp_path):
     (run / "finetune-reasoning" / "finetune.json").write_text("{torn")
     text = write_report(run).read_text()
     assert "## Fine-tuning" in text and "| vqa | 528 | 50.0 | 40.1 |" in text and "reasoning" not in text
+
+
+def _spy_on_figures(monkeypatch) -> dict:
+    """{file name: {line label: (x, y)}} of every figure the report saves (filled as it saves)."""
+    drawn = {}
+    save = report_module.save_figure
+
+    def spy(figure, path, *args, **kwargs):
+        drawn[Path(path).name] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                                  for ax in figure.axes for line in ax.get_lines()}
+        return save(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(report_module, "save_figure", spy)
+    return drawn

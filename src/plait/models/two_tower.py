@@ -66,10 +66,10 @@ class TwoTower(ContrastiveModel):
         return _embed(self.encoder_b(b), self.project_b, self.independent_b)
 
     def encode_a(self, a, features: str = "shared") -> Tensor:
-        return _select(*self.embed_a(a), features)
+        return select_features(*self.embed_a(a), features)
 
     def encode_b(self, b, features: str = "shared") -> Tensor:
-        return _select(*self.embed_b(b), features)
+        return select_features(*self.embed_b(b), features)
 
     def forward(self, a, b) -> tuple[Tensor, Tensor, Tensor]:
         return self.encode_a(a), self.encode_b(b), self.scale()
@@ -104,8 +104,9 @@ def _embed(hidden: Tensor, shared: nn.Module, independent: nn.Module | None) -> 
     return z, (F.normalize(independent(hidden), dim=-1) if independent is not None else None)
 
 
-def _select(shared: Tensor, independent: Tensor | None, features: str) -> Tensor:
-    """``shared``, ``independent`` or ``both`` ([z, z^i] concatenated)."""
+def select_features(shared: Tensor, independent: Tensor | None, features: str) -> Tensor:
+    """``shared``, ``independent`` or ``both`` ([z, z^i] concatenated): what evaluation reads of a
+    model with (optionally) modality-specific heads; shared by the two-tower and the fusion model."""
     if features == "shared":
         return shared
     if features not in ("independent", "both"):

@@ -20,7 +20,7 @@ from plait.models.fusion.objectives import IGNORE, mask_tokens, momentum_itc_los
 from plait.models.contract import Batch, ContrastiveModel, ObjectiveError, StepOutput, apply_objective
 from plait.models.fusion.queue import FeatureQueue
 from plait.models.text import WordPieceTokenizer
-from plait.models.two_tower import MAX_LOGIT_SCALE
+from plait.models.two_tower import MAX_LOGIT_SCALE, select_features
 
 LOSS_TERMS = ("itc", "itm", "mlm")
 INITS = ("random", "minilm")
@@ -180,10 +180,10 @@ class FusionModel(ContrastiveModel):
     def encode_image(self, images: Tensor, features: str = "shared") -> Tensor:
         """Normalised (B, embed_dim) image features for retrieval (``features``: shared,
         independent or both, the last two with ``independent=True``)."""
-        return _select(*self.embed_image(images), features)
+        return select_features(*self.embed_image(images), features)
 
     def encode_text(self, texts: list[str], features: str = "shared") -> Tensor:
-        return _select(*self.embed_text(texts), features)
+        return select_features(*self.embed_text(texts), features)
 
     encode_a, encode_b = encode_image, encode_text  # the two-tower names the evaluation suite calls
 
@@ -368,16 +368,6 @@ class FusionModel(ContrastiveModel):
     def after_optimizer_step(self) -> None:
         """The momentum (EMA) update of the momentum copies, after each optimizer step taken."""
         self.momentum_update()
-
-
-def _select(shared: Tensor, independent: Tensor | None, features: str) -> Tensor:
-    if features == "shared":
-        return shared
-    if features not in ("independent", "both"):
-        raise ValueError(f"features must be 'shared', 'independent' or 'both', got {features!r}")
-    if independent is None:
-        raise ValueError(f"features={features!r} needs FusionModel(independent=True)")
-    return independent if features == "independent" else torch.cat([shared, independent], dim=-1)
 
 
 def build_fusion_model(spec: dict | None = None) -> FusionModel:

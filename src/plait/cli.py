@@ -148,6 +148,18 @@ def _experiment_regularizers(args: argparse.Namespace) -> int:
 
 ALLOW_IMPORT_HELP = ("let encoders named package.module:Class in the config be imported (runs that code); "
                      "without it only built-in encoders are accepted, and a value inside a file never sets it")
+def _run_options(parser: argparse.ArgumentParser, out: str, seeds: int, quick: str | None, overrides: bool = True) -> None:
+    """The options every multi-run experiment shares: --out, --seeds, --workers, --quick, --reuse
+    (and key=value overrides applied to every run)."""
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--seeds", type=int, default=seeds)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--reuse", action="store_true", help=REUSE_HELP)
+    if overrides:
+        parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+
+
 REUSE_HELP = "keep runs whose directory already holds the final evaluation of the same config"
 
 
@@ -229,20 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(handler=_experiment_batch_sweep)
 
     ablation = experiments.add_parser("gamma-ablation", help="the gamma loss's E-step choices one at a time (emoji, B=32, validation)")
-    ablation.add_argument("--out", default="runs/gamma-ablation")
-    ablation.add_argument("--seeds", type=int, default=3)
-    ablation.add_argument("--workers", type=int, default=2)
-    ablation.add_argument("--quick", action="store_true", help="1 seed, 3 steps per run")
-    ablation.add_argument("--reuse", action="store_true", help=REUSE_HELP)
-    ablation.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    _run_options(ablation, "runs/gamma-ablation", seeds=3, quick="1 seed, 3 steps per run")
     ablation.set_defaults(handler=_experiment_gamma_ablation)
 
     fusion = experiments.add_parser("fusion", help="E5: fusion pre-training (ALBEF, +Sep, +Br, +GC), fine-tuned on VQA, reasoning, entailment")
-    fusion.add_argument("--out", default="runs/fusion")
-    fusion.add_argument("--seeds", type=int, default=3)
-    fusion.add_argument("--workers", type=int, default=2)
-    fusion.add_argument("--quick", action="store_true", help="2 steps per run, small images")
-    fusion.add_argument("--reuse", action="store_true", help=REUSE_HELP)
+    _run_options(fusion, "runs/fusion", seeds=3, quick="2 steps per run, small images", overrides=False)
     fusion.set_defaults(handler=_experiment_fusion)
 
     baselines = experiments.add_parser("task-baselines", help="text-only, image-only and majority baselines of the three fusion tasks")
@@ -251,12 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     baselines.set_defaults(handler=_experiment_task_baselines)
 
     gap = experiments.add_parser("information-gap", help="E3: synthetic gap and UCI view pairs; CLIP vs +Sep/+Br/+GC")
-    gap.add_argument("--out", default="runs/information-gap")
-    gap.add_argument("--seeds", type=int, default=2)
-    gap.add_argument("--workers", type=int, default=2)
-    gap.add_argument("--quick", action="store_true")
-    gap.add_argument("--reuse", action="store_true", help=REUSE_HELP)
-    gap.add_argument("overrides", nargs="*")
+    _run_options(gap, "runs/information-gap", seeds=2, quick=None)
     gap.set_defaults(handler=_experiment_information_gap)
 
     table = experiments.add_parser("regularizers", help="E4: regulariser table on UCI and emoji (or the weight sweep)")

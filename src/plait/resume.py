@@ -48,11 +48,6 @@ def _show(value) -> str:
 _UNSET = object()
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0][:200] if text else type(error).__name__)
-
-
 def _precision_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 

@@ -35,11 +35,11 @@ from torch import nn
 from plait import runtime
 from plait.atomic import WriteError, atomic_write_text, display_path, temp_files
 from plait.checkpoint import export_weights, load_checkpoint, save_checkpoint
-from plait.config import from_yaml, to_yaml
+from plait.config import _first_line, from_yaml, to_yaml
 from plait.data.sampler import EpochSampler
 from plait.models.contract import Batch, ObjectiveError
 from plait.optim import parameter_groups, warmup_cosine
-from plait.resume import (ALWAYS_MAY_CHANGE, DATA_LOCATION, RESUME_MAY_CHANGE, _first_line, _precision_name, _saved_autocast,
+from plait.resume import (ALWAYS_MAY_CHANGE, DATA_LOCATION, RESUME_MAY_CHANGE, _precision_name, _saved_autocast,
                           _show, config_differences, data_fingerprint)
 from plait.run_dir import check_run_dir, remove_outputs
 

@@ -168,6 +168,13 @@ def match(rng: np.random.Generator, n: int, ok, tries: int = 200, rounds: int = 
     raise ValueError(f"could not pair {n} texts with images that make them false / not decided; use more items or another seed")
 
 
+def _positive(value, name: str) -> float:
+    """``value`` as a float, refused (naming ``name``) unless it is a positive number."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
 class EmojiTask(PairDataset):
     """Base class of the emoji tasks. Item ``i`` is ``(i, image, text, label)``:
 
@@ -311,9 +318,7 @@ class EmojiVQA(EmojiTask):
     def __init__(self, split: str = "train", image_size: int = 32, seed: int = 0, per_image: float = 2.0,
                  test_fraction: float = 0.2, split_seed: int = 0, cache_dir=None):
         super().__init__(split, image_size, seed, test_fraction, split_seed, cache_dir)
-        if not (isinstance(per_image, (int, float)) and not isinstance(per_image, bool) and per_image > 0):
-            raise ValueError(f"per_image must be a positive number, got {per_image!r}")
-        self.per_image = float(per_image)
+        self.per_image = _positive(per_image, "per_image")
         train = self.emoji if split == "train" else EmojiDataset("train", image_size=image_size, test_fraction=test_fraction, seed=split_seed, cache_dir=cache_dir)
         names = train.class_names
         vocabulary = ["yes", "no"]
@@ -536,9 +541,7 @@ class EmojiEntailment(EmojiTask):
     def __init__(self, split: str = "train", image_size: int = 32, seed: int = 0, per_image: float = 2.0,
                  test_fraction: float = 0.2, split_seed: int = 0, cache_dir=None):
         super().__init__(split, image_size, seed, test_fraction, split_seed, cache_dir)
-        if not (isinstance(per_image, (int, float)) and not isinstance(per_image, bool) and per_image > 0):
-            raise ValueError(f"per_image must be a positive number, got {per_image!r}")
-        self.per_image = float(per_image)
+        self.per_image = _positive(per_image, "per_image")
         self.label_names = list(self.LABELS)
         E, N, C = self.LABELS
         rng = np.random.default_rng(self.seed)

@@ -1,6 +1,7 @@
 """The ``plait`` command line.
 
-    plait train CONFIG [key=value ...] [--resume [CHECKPOINT] | --overwrite] [--allow-import]
+    plait train CONFIG [key=value ...] [--resume [CHECKPOINT] | --overwrite] [--allow-import] [--nproc N]
+    torchrun --nproc_per_node=N [--nnodes ... --rdzv-endpoint HOST:PORT] -m plait train CONFIG ...
     plait eval WEIGHTS_OR_CHECKPOINT [--data NAME] [--out DIR] [--allow-import] [key=value ...]
     plait finetune FUSION_WEIGHTS --task vqa|reasoning|entailment [key=value ...]
     plait report RUN_DIR [--html]
@@ -38,19 +39,43 @@ def _experiment_gradient_bias(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from plait import distributed
     from plait.config import load_config
     from plait.evaluate.report import write_report
     from plait.train import train
 
+    if args.nproc is not None and not distributed.launched():
+        return _launch(args)
     resume, overrides = (args.resume if args.resume is not None else False), list(args.overrides)
     if isinstance(resume, str) and "=" in resume and not Path(resume).exists():  # `--resume key=value`: an override, not a path
         resume, overrides = True, [*overrides, resume]
     config = load_config(args.config, overrides)
     metrics = train(config, resume=resume, overwrite=args.overwrite, allow_import=args.allow_import)
+    if distributed.launched_rank() != 0:  # rank 0 alone reports
+        return 0
     report = write_report(config.output_dir)
     print(json.dumps(metrics, indent=1))
     print(f"wrote {config.output_dir} (report: {report})")
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``plait train ... --nproc N``: torchrun's elastic agent on this machine runs N workers of the
+    same command (without ``--nproc``); a worker's failure stops the others and is named here."""
+    from plait import distributed
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc={args.nproc} must be a positive number of processes")
+    command = ["-m", "plait", "train", args.config, *args.overrides]
+    if args.resume is not None:
+        command += ["--resume"] + ([] if args.resume is True else [str(args.resume)])
+    command += ["--overwrite"] * args.overwrite + ["--allow-import"] * args.allow_import
+    failed = distributed.launch_local(args.nproc, sys.executable, command)
+    if failed is None:
+        return EXIT_OK
+    rank, code = failed
+    print(f"plait: error: the distributed run stopped: rank {rank} exited with code {code} (its message is above)", file=sys.stderr)
+    return EXIT_USER_ERROR if code == EXIT_USER_ERROR else EXIT_BUG
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -175,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="OUTPUT_DIR holds another run: delete the files plait wrote there and start again")
     train.add_argument("--allow-import", action="store_true", help=ALLOW_IMPORT_HELP)
+    train.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="train with N processes on this machine (torchrun's elastic agent; data.batch_size is the global batch)")
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate exported weights (model.safetensors) or a checkpoint")
@@ -279,10 +306,13 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from plait.distributed import launched, launched_rank
+
+    who = f"[rank {launched_rank()}] " if launched() else ""  # under torchrun: which worker speaks
     try:
         return args.handler(args)
     except ValueError as error:  # bad input: say what and where, no traceback
-        print(f"plait: error: {error}", file=sys.stderr)
+        print(f"plait: {who}error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("plait: interrupted", file=sys.stderr)
@@ -291,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc()
-        print("plait: internal error (a bug in plait, not in your input); please report it with the traceback above",
+        print(f"plait: {who}internal error (a bug in plait, not in your input); please report it with the traceback above",
               file=sys.stderr)
         return EXIT_BUG
 

@@ -82,7 +82,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | fp64 (parameters and inputs) | bf16 | fp16
     deterministic: bool = False
     log_every: int = 10
     eval_every_epochs: int = 0  # 0: evaluate only at the end (on the validation split if there is one)
@@ -98,6 +98,12 @@ class TrainConfig:
     # the step, the batch and the last good checkpoint) | skip (no optimizer step; the schedule and
     # the data position still advance; 20 consecutive skips stop the run)
     on_nonfinite: str = "stop"
+    # > 0: GradCache: the encoders run in chunks of this many rows, twice (features without
+    # gradient, then recomputed with the loss's cached feature gradients): one chunk's activations
+    grad_cache_chunk: int = 0
+    # torchrun: how long a collective waits for the other ranks before the job stops (a dead or
+    # stuck peer; torchrun's agent stops the job first when a rank exits with an error)
+    dist_timeout_s: float = 600.0
 
 
 @dataclass

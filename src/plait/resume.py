@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 RESUME_MAY_CHANGE = (
     "name", "output_dir", "optim.max_steps", "data.num_workers", "train.device", "train.deterministic",
     "train.log_every", "train.eval_every_epochs", "train.staleness_every_epochs", "train.checkpoint_every_epochs",
-    "train.checkpoint_every_steps", "train.tensorboard", "train.progress", "train.on_nonfinite", "eval",
+    "train.checkpoint_every_steps", "train.tensorboard", "train.progress", "train.on_nonfinite", "train.dist_timeout_s",
+    "train.grad_cache_chunk", "eval",
 )
 # Where the training data live, not what they are: a resume may change these when the checkpoint's
 # data fingerprint proves the data the same (moved data); the cache directory may always change.

@@ -1,6 +1,6 @@
 """Device, precision and random state: the one place that knows where a run executes.
 
-(torchrun / DDP process-group handling will live beside this, in ``plait.distributed``.)
+(torchrun / DDP process-group handling lives beside this, in ``plait.distributed``.)
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ def select_device(name: str = "auto") -> torch.device:
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``train.precision``: auto -> bf16 on CUDA, none (fp32) on CPU."""
-    choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    choices = {"fp32": None, "fp64": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if precision not in choices:
-        raise ValueError(f"train.precision must be one of auto, fp32, bf16, fp16, got {precision!r}")
+        raise ValueError(f"train.precision must be one of auto, fp32, fp64, bf16, fp16, got {precision!r}")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("train.precision=fp16 needs CUDA; use bf16 or fp32 on the CPU")
     return choices[precision]
@@ -52,6 +52,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def parameter_dtype(precision: str) -> torch.dtype | None:
+    """The dtype parameters and inputs are cast to: float64 for ``train.precision=fp64`` (exact
+    comparisons, e.g. distributed against one process), else None (the model's own, float32)."""
+    return torch.float64 if precision == "fp64" else None
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

@@ -18,6 +18,7 @@ other data is refused; a non-finite loss or gradient stops the run (or skips the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -32,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from plait import runtime
+from plait import distributed, runtime
 from plait.atomic import WriteError, atomic_write_text, display_path, temp_files
 from plait.checkpoint import export_weights, load_checkpoint, save_checkpoint
 from plait.config import _first_line, from_yaml, to_yaml
@@ -45,6 +46,7 @@ from plait.run_dir import check_run_dir, remove_outputs
 
 NONFINITE_POLICIES = ("stop", "skip")
 MAX_CONSECUTIVE_SKIPS = 20  # train.on_nonfinite=skip stops anyway after this many skipped steps in a row
+RANK_SEED_STRIDE = 10_007  # under torchrun rank r's random draws (augmentation, dropout) start from seed + r * this
 
 
 def build_base_loss(config: DictConfig, dataset_size: int, seed: int) -> nn.Module:
@@ -109,6 +111,8 @@ def check_settings(config: DictConfig) -> None:
             refuse(f"train.{key}", train_[key], "it must be >= 0 (0: never)")
     if train_.on_nonfinite not in NONFINITE_POLICIES:
         refuse("train.on_nonfinite", train_.on_nonfinite, f"valid: {', '.join(NONFINITE_POLICIES)}")
+    if not (isinstance(train_.dist_timeout_s, (int, float)) and math.isfinite(train_.dist_timeout_s) and train_.dist_timeout_s > 0):
+        refuse("train.dist_timeout_s", train_.dist_timeout_s, "it must be a positive number of seconds")
     check_eval_settings(config)
 
 
@@ -158,7 +162,10 @@ def _nonfinite_tensor(*modules: nn.Module | None) -> str | None:
 
 
 def _degenerate_features(features, index: torch.Tensor) -> str | None:
-    """Which item's features in a batch are non-finite or all zero (no direction to normalise), or None."""
+    """Which item's features in a batch are non-finite or all zero (no direction to normalise), or None.
+    (Gathered features, under torchrun, carry the global batch's indices.)"""
+    if torch.is_tensor(getattr(features, "index", None)):
+        index = features.index
     for name, z in vars(features).items():
         if not (torch.is_tensor(z) and z.dim() == 2 and z.shape[0] == len(index)):
             continue
@@ -188,9 +195,12 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir or config.output_dir)  # nothing is written into it before fit()
         check_settings(config)
-        self.device = runtime.select_device(config.train.device)
+        self.device = distributed.device_for_rank(runtime.select_device(config.train.device))
         self.amp_dtype = runtime.autocast_dtype(config.train.precision, self.device)
-        runtime.seed_everything(config.seed, config.train.deterministic)
+        self.param_dtype = runtime.parameter_dtype(config.train.precision)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0  # rank 0 alone writes files (plait.distributed)
+        runtime.seed_everything(config.seed, config.train.deterministic)  # the same on every rank: the same model
 
         options = OmegaConf.to_container(config.data.options, resolve=True) or {}
         self.train_set = build_dataset(config.data.name, split="train", **options)
@@ -205,9 +215,16 @@ class Trainer:
 
             # seed 0, not config.seed: every training seed sees the same validation split
             self.train_set, self.validation_set = carve_validation(self.train_set, config.data.validation_fraction, seed=0)
-        batch_size = config.data.batch_size
+        batch_size = config.data.batch_size  # the global batch: B / world_size rows per rank
         if not 2 <= batch_size <= len(self.train_set):
             raise ValueError(f"data.batch_size={batch_size} must be in [2, {len(self.train_set)}] (the training set size)")
+        local_batch = distributed.local_batch_size(batch_size)
+        chunk = config.train.grad_cache_chunk
+        if not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0):
+            raise ValueError(f"train.grad_cache_chunk={chunk!r} is not valid: it must be an integer >= 0 (0: off)")
+        if chunk and config.model.kind == "fusion":
+            raise ValueError("train.grad_cache_chunk is for two-tower models: the fusion model's ITM and MLM are not "
+                             "functions of the contrastive features alone")
         label = config.eval.label
         if label is not None and label not in self.train_set.labels:
             have = ", ".join(sorted(self.train_set.labels)) or "none (this dataset has no label sets)"
@@ -220,13 +237,21 @@ class Trainer:
         self.inputs = input_spec(self.train_set)  # stored with the weights: a saved model is rebuilt without its data
         spec = OmegaConf.to_container(config.model, resolve=True)
         if spec.get("kind") == "fusion":  # the model's own draws (MLM masks, hard negatives) follow the run's seed
-            spec["fusion"] = {"seed": config.seed, **(spec.get("fusion") or {})}
+            # (and the rank's: each rank masks and draws negatives for its own rows)
+            spec["fusion"] = {"seed": config.seed + RANK_SEED_STRIDE * self.rank, **(spec.get("fusion") or {})}
         self.model = build_model(spec, self.inputs, independent=self.loss_fn.needs_independent,
                                  allow_import=allow_import).to(self.device)
+        if self.param_dtype is not None:
+            self.model.to(self.param_dtype)
+            self.loss_fn.to(self.param_dtype)
         self.momentum_model = self._momentum_copy()
-        self.sampler = EpochSampler(len(self.train_set), config.seed)
+        # under DDP the model's training step is the wrapped forward (one step, one feature path)
+        self.step_module = distributed.wrap(distributed.TrainingStep(self.model), self.device)
+        if self.world_size > 1:  # each rank's own dropout draws (the model itself is rank 0's: DDP broadcast it)
+            runtime.seed_everything(config.seed + RANK_SEED_STRIDE * self.rank, config.train.deterministic)
+        self.sampler = EpochSampler(len(self.train_set), config.seed, self.rank, self.world_size, batch_size)
         self.loader = torch.utils.data.DataLoader(
-            self.train_set, batch_size=batch_size, sampler=self.sampler, drop_last=True,
+            self.train_set, batch_size=local_batch, sampler=self.sampler, drop_last=True,
             num_workers=config.data.num_workers, pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG out of the data order
         )
@@ -297,7 +322,7 @@ class Trainer:
             return None
         key = f"data.augment.{modality}_options"
         options = OmegaConf.to_container(augment[f"{modality}_options"], resolve=True) or {}
-        options.setdefault("seed", self.config.seed + (0 if side == "a" else 1))
+        options.setdefault("seed", self.config.seed + (0 if side == "a" else 1) + RANK_SEED_STRIDE * self.rank)
         cls = {"image": ImageAugment, "text": TextAugment}.get(modality, VectorAugment)
         accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "image_size")]
         unknown = sorted(set(options) - set(accepted))
@@ -326,8 +351,8 @@ class Trainer:
     def _prepare(self, index, a, b):
         """(index, a, b, a_aug, b_aug) on the device: the training views (augmented where the
         config says so) and, when the objective needs them, second augmented views."""
-        a = a.to(self.device, non_blocking=True) if torch.is_tensor(a) else list(a)
-        b = b.to(self.device, non_blocking=True) if torch.is_tensor(b) else list(b)
+        a = self._to_device(a)
+        b = self._to_device(b)
         a_aug = b_aug = None
         if self.loss_fn.needs_augmented and not getattr(self.model, "provides_augmented", False):
             a_aug, b_aug = self._augmented("a", a, index), self._augmented("b", b, index)
@@ -336,6 +361,14 @@ class Trainer:
         if self._augment_views[1]:
             b = self._augmented("b", b, index)
         return index.to(self.device), a, b, a_aug, b_aug
+
+    def _to_device(self, x):
+        """A view on the device (floating tensors in the parameters' dtype under fp64); texts as a list."""
+        if not torch.is_tensor(x):
+            return list(x)
+        if self.param_dtype is not None and x.is_floating_point():
+            return x.to(self.device, self.param_dtype, non_blocking=True)
+        return x.to(self.device, non_blocking=True)
 
     def batch(self, index, a, b, a_aug=None, b_aug=None) -> Batch:
         """The model contract's batch; with ``train.bank_momentum``, the momentum copy's features
@@ -392,21 +425,18 @@ class Trainer:
         if not (self.model.training and self.loss_fn.training):  # evaluation switches them off
             self.model.train()
             self.loss_fn.train()
+        self.optimizer.zero_grad(set_to_none=True)
         try:
             with runtime.autocast(self.device, self.amp_dtype):
-                out = self.model.training_step(self.batch(index, a, b, a_aug, b_aug), self.loss_fn)
+                out = self._forward_backward(self.batch(index, a, b, a_aug, b_aug))
         except ObjectiveError as error:  # a feature row with no direction (all zeros) is refused by the loss
             fault = _degenerate_features(error.features, index)
             if fault is None:
                 raise
             return self._fault(fault, index)
         loss, features = out.loss, out.features
-        self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         if self._grad_clip:
             norm = nn.utils.clip_grad_norm_(parameters, self._grad_clip)
@@ -414,6 +444,8 @@ class Trainer:
             norm = nn.utils.get_total_norm([p.grad for p in parameters])
         # with fp16's grad scaler an overflowing gradient is routine: the scaler skips that step itself
         finite = torch.isfinite(loss.detach()) if self.scaler is not None else torch.isfinite(loss.detach()) & torch.isfinite(norm)
+        if self.world_size > 1:  # one decision for every rank (a rank's own terms may differ)
+            finite = not distributed.any_rank(not bool(finite))
         if not bool(finite):
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
@@ -438,6 +470,26 @@ class Trainer:
         self.consecutive_skips = 0
         self.terms = out.terms  # the named terms of a step taken (a skipped step's are not logged)
         return loss.detach()
+
+    def _forward_backward(self, batch: Batch):
+        """The model contract's step and its backward (under DDP the wrapped step, whose backward
+        averages the gradients over the ranks; with ``train.grad_cache_chunk`` the encoders run
+        chunk by chunk, ``plait.grad_cache``). Returns the step's ``StepOutput``."""
+        scale_loss = self.scaler.scale if self.scaler is not None else (lambda loss: loss)
+        chunk = int(self.config.train.grad_cache_chunk)
+        if chunk:
+            from plait.grad_cache import grad_cache_step
+
+            step = self.step_module
+            no_sync = getattr(step, "no_sync", contextlib.nullcontext)
+            return grad_cache_step(lambda part: step(part, None), batch, self.loss_fn, chunk, no_sync=no_sync,
+                                   scale_loss=scale_loss)
+        if self.world_size > 1:
+            out = self.step_module(batch, self.loss_fn)
+        else:  # one process: the model itself, no wrapper in the way
+            out = self.model.training_step(batch, self.loss_fn)
+        scale_loss(out.loss).backward()
+        return out
 
     def _fault(self, what: str, index: torch.Tensor) -> None:
         """A step that cannot be taken: raise (``stop``, or parameters already non-finite, or too many
@@ -489,8 +541,23 @@ class Trainer:
                          "window_losses": [float(x) for x in self._window_losses], "window_samples": self._window_samples},
             "momentum_model": self.momentum_model.state_dict() if self.momentum_model is not None else {},
             "data": self.data_fingerprint,
-            "precision": _precision_name(self.amp_dtype),  # the autocast dtype it trained in (a resume keeps it)
+            "precision": self.precision_name,  # the autocast dtype it trained in (a resume keeps it)
+            **self._rank_states(augment),
         }
+
+    def _rank_states(self, augment: dict) -> dict:
+        """Under torchrun: every rank's global random state and augmentation state, in rank order
+        (``rng`` and ``augment`` are rank 0's), and the world size."""
+        if self.world_size == 1:
+            return {}
+        ranks = distributed.all_objects({"rng": runtime.rng_state(), "augment": augment})
+        return {"world_size": self.world_size, "rng_ranks": [r["rng"] for r in ranks],
+                "augment_ranks": [r["augment"] for r in ranks]}
+
+    @property
+    def precision_name(self) -> str:
+        """fp64 (parameters in float64) or the autocast dtype's name (fp32: none)."""
+        return "fp64" if self.param_dtype == torch.float64 else _precision_name(self.amp_dtype)
 
     @property
     def data_fingerprint(self) -> dict:
@@ -521,16 +588,30 @@ class Trainer:
                 load()
             except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
                 raise ValueError(f"cannot resume from {source}: its {part} state does not load ({_first_line(error)})") from None
+        rng, augment = self._rank_random_state(state)
         for side, module in self.augment.items():
-            if module is not None and side in (state.get("augment") or {}):
-                module.set_state(state["augment"][side])
-        runtime.set_rng_state(state["rng"])
+            if module is not None and side in augment:
+                module.set_state(augment[side])
+        if rng is not None:
+            runtime.set_rng_state(rng)
         progress = state["progress"]
         self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
         self.skipped_steps = progress.get("skipped_steps", 0)
         self.consecutive_skips = progress.get("consecutive_skips", 0)
         self._window_losses[:] = [torch.tensor(x, dtype=torch.float32) for x in progress.get("window_losses", [])]
         self._window_samples = int(progress.get("window_samples", 0))
+
+    def _rank_random_state(self, state: dict) -> tuple[dict | None, dict]:
+        """(global random state, augmentation states) this rank resumes with: its own from a
+        checkpoint of the same world size; rank 0's (``rng``, ``augment``) on rank 0 otherwise,
+        and on the other ranks none (their fresh seeds): random draws continue bitwise only under
+        the world size the checkpoint was written with."""
+        ranks = state.get("rng_ranks")
+        if isinstance(ranks, list) and len(ranks) == self.world_size:
+            return ranks[self.rank], (state.get("augment_ranks") or [{}] * self.world_size)[self.rank] or {}
+        if self.rank == 0:
+            return state["rng"], state.get("augment") or {}
+        return None, {}
 
     def check_checkpoint(self, state: dict, source: str = "the checkpoint") -> None:
         """The checkpoint's structure, types and value ranges, before anything is loaded from it: the
@@ -573,11 +654,20 @@ class Trainer:
         last = state["scheduler"].get("last_epoch")
         if last != step:
             refuse("scheduler.last_epoch", f"is {last!r:.40}, not the step {step}")
-        try:
-            runtime.check_rng_state(state["rng"])
-        except ValueError as error:
-            refuse("rng", f"is not a random state plait wrote ({error})")
-        for side, saved in (state.get("augment") or {}).items():
+        ranks = state.get("rng_ranks")
+        augments = state.get("augment_ranks")
+        if ranks is not None and not (isinstance(ranks, list) and 1 <= len(ranks) <= 100_000):
+            refuse("rng_ranks", "is not a list of random states")
+        if augments is not None and not (isinstance(augments, list) and isinstance(ranks, list) and len(augments) == len(ranks)
+                                         and all(isinstance(a, dict) for a in augments)):
+            refuse("augment_ranks", "is not one augmentation state per rank")
+        for key, rng in [("rng", state["rng"])] + [(f"rng_ranks[{r}]", x) for r, x in enumerate(ranks or [])]:
+            try:
+                runtime.check_rng_state(rng)
+            except ValueError as error:
+                refuse(key, f"is not a random state plait wrote ({error})")
+        saved_augments = [state.get("augment") or {}] + list(augments or [])
+        for side, saved in [item for augment in saved_augments for item in augment.items()]:
             if not (isinstance(saved, dict) and integer(saved.get("seed")) and ("generator" in saved or "rng" in saved)):
                 refuse(f"augment.{side}", "is not an augmentation state")
             try:  # tried on throwaway generators: torch's (images, vectors) or Python's (text)
@@ -646,7 +736,9 @@ class Trainer:
         """Write ``checkpoint.pt`` (atomically; refused for a model that is no longer finite)."""
         path = self.run_dir / "checkpoint.pt"
         self._check_finite(path)
-        save_checkpoint(path, self.state())
+        state = self.state()  # under torchrun every rank takes part (each rank's random state)
+        if self.is_main:
+            save_checkpoint(path, state)
         self.last_checkpoint = (path, self.step)
         return path
 
@@ -674,7 +766,8 @@ class Trainer:
         self.load_state(state, shown)
         self.last_checkpoint = (path, self.step)
         self._resumed = True
-        self._truncate_metrics(self.step, state["progress"].get("metrics_lines"))
+        if self.is_main:
+            self._truncate_metrics(self.step, state["progress"].get("metrics_lines"))
 
     def check_resumable(self, state: dict, path: Path) -> None:
         """Refuse a checkpoint made with other settings or other training data (one ValueError
@@ -689,8 +782,9 @@ class Trainer:
         may_change = (*RESUME_MAY_CHANGE, *ALWAYS_MAY_CHANGE, "optim.epochs", "optim.steps", *(DATA_LOCATION if fingerprinted else ()))
         changes = [f"{key}: {_show(old)} in the checkpoint, {_show(new)} now"
                    for key, old, new in config_differences(saved, self.config, may_change)]
-        before_dtype = _precision_name(_saved_autocast(state, saved, self.device))
-        now_dtype = _precision_name(self.amp_dtype)
+        fp64 = state.get("precision") == "fp64" or (state.get("precision") is None and saved.train.precision == "fp64")
+        before_dtype = "fp64" if fp64 else _precision_name(_saved_autocast(state, saved, self.device))
+        now_dtype = self.precision_name
         if before_dtype != now_dtype:
             changes.append(f"train.precision: the checkpoint trained in {before_dtype}, this run would use {now_dtype} "
                            f"(train.precision={self.config.train.precision} on {self.device.type}); set train.precision="
@@ -735,6 +829,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ logging
     def log(self, record: dict) -> None:
+        """Append ``record`` to metrics.jsonl (and TensorBoard); rank 0 only under torchrun."""
+        if not self.is_main:
+            return
         path = self.run_dir / "metrics.jsonl"
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -759,6 +856,21 @@ class Trainer:
         """Train to the end of the schedule (from where a resumed run stopped), save, export and
         evaluate. A new run refuses an ``output_dir`` holding another run's files, unless
         ``overwrite`` (which deletes them first); temporary files of interrupted writes are removed."""
+        failure = None
+        if self.is_main:  # under torchrun rank 0 alone checks and writes the run directory
+            try:
+                self._open_run_dir(overwrite)
+            except (ValueError, OSError) as error:
+                failure = error
+        message = distributed.broadcast_error(None if failure is None else _first_line(failure))
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise ValueError(f"rank 0 stopped: {message}")
+        self.train_until(self.total_steps)
+        return self.finish()
+
+    def _open_run_dir(self, overwrite: bool) -> None:
         check_run_dir(self.run_dir, self._resumed_from, overwrite)
         if overwrite:
             remove_outputs(self.run_dir)
@@ -771,8 +883,6 @@ class Trainer:
         atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.config))
         if self._write_skipped is not None:
             self._write_skipped(self.run_dir)
-        self.train_until(self.total_steps)
-        return self.finish()
 
     def train_until(self, total_steps: int) -> None:
         """The training loop alone, up to ``total_steps`` steps in all."""
@@ -803,11 +913,14 @@ class Trainer:
                 bar.update()
                 if self.step % log_every == 0 or self.step == total_steps:
                     elapsed = time.perf_counter() - window_start
+                    mean_loss = torch.stack(running).mean().item() if running else None  # None: every step skipped
+                    if self.world_size > 1 and mean_loss is not None:  # the ranks' own terms (fusion) differ
+                        mean_loss = distributed.all_mean(mean_loss)
                     record = {
-                        "step": self.step, "epoch": self.epoch,
-                        "loss": torch.stack(running).mean().item() if running else None,  # None: every step skipped
+                        "step": self.step, "epoch": self.epoch, "loss": mean_loss,
                         "lr": self.scheduler.get_last_lr()[0], "logit_scale": self.model.scale().item(),
-                        "samples_per_s": self._window_samples / max(elapsed, 1e-9),
+                        # every rank's samples: the global batch
+                        "samples_per_s": self._window_samples * self.world_size / max(elapsed, 1e-9),
                     }
                     if self._skip_nonfinite:
                         record["skipped_steps"] = self.skipped_steps
@@ -835,12 +948,12 @@ class Trainer:
         config = self.config
         self.epoch += 1
         self.batch_in_epoch = 0
-        if config.train.staleness_every_epochs and self.epoch % config.train.staleness_every_epochs == 0:
+        if config.train.staleness_every_epochs and self.epoch % config.train.staleness_every_epochs == 0 and self.is_main:
             stats = self.staleness()
             if stats is not None:
                 self.log({"step": self.step, "epoch": self.epoch, "split": "staleness", **stats})
         if (config.train.eval_every_epochs and self.epoch % config.train.eval_every_epochs == 0 and self.step < self.total_steps
-                and self._has_split(self.periodic_split)):
+                and self._has_split(self.periodic_split) and self.is_main):  # the other ranks wait at the next collective
             self.log({"step": self.step, "epoch": self.epoch, "split": self.periodic_split,
                       **self.evaluate(write=False, on=self.periodic_split)})
         if config.train.checkpoint_every_epochs and self.epoch % config.train.checkpoint_every_epochs == 0:
@@ -860,6 +973,13 @@ class Trainer:
         stderr, when the test split it reads is empty)."""
         config = self.config
         self.save()
+        metrics = self._finish_main() if self.is_main else None
+        if self.world_size > 1:  # every rank returns rank 0's evaluation
+            metrics = distributed.all_objects(metrics)[0]
+        return metrics
+
+    def _finish_main(self) -> dict:
+        config = self.config
         self.export()
         on = config.eval.split
         metrics = None
@@ -900,7 +1020,12 @@ def train(config: DictConfig, resume: bool | str = False, overwrite: bool = Fals
     """Run ``config`` to the end: a new run (``output_dir`` must not hold another run's files unless
     ``overwrite``), or ``resume`` (True: ``output_dir/checkpoint.pt``, or a checkpoint path)."""
     check_run_dir(config.output_dir, resume, overwrite)  # before anything is built
-    trainer = Trainer(config, allow_import=allow_import)
-    if resume:
-        trainer.resume(None if resume is True else resume)
-    return trainer.fit(overwrite=overwrite)
+    joined = distributed.init(config.train.device, config.train.dist_timeout_s)  # under torchrun: its process group
+    try:
+        trainer = Trainer(config, allow_import=allow_import)
+        if resume:
+            trainer.resume(None if resume is True else resume)
+        return trainer.fit(overwrite=overwrite)
+    finally:
+        if joined:
+            distributed.teardown()

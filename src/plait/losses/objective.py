@@ -37,6 +37,7 @@ class PairFeatures:
     b_ind_aug: Tensor | None = None
     a_bank: Tensor | None = None  # the same views through a momentum encoder, for a memory bank
     b_bank: Tensor | None = None
+    gathered: bool = False  # already the global batch of every rank (``plait.distributed.gather_features``)
 
 
 class ContrastiveObjective(nn.Module):

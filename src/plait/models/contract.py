@@ -64,7 +64,13 @@ class ObjectiveError(ValueError):
 
 def apply_objective(objective: nn.Module, features):
     """``objective(features)`` in float32 even inside an autocast region (loss internals stay
-    float32); a ValueError it raises becomes an :class:`ObjectiveError` carrying the features."""
+    float32); a ValueError it raises becomes an :class:`ObjectiveError` carrying the features.
+
+    Under torchrun the features are first gathered from every rank with their dataset indices
+    (``plait.distributed.gather_features``): every model's objective sees the global batch."""
+    from plait.distributed import gather_features
+
+    features = gather_features(features)
     with torch.autocast(device_type=features.a.device.type, enabled=False):
         try:
             return objective(features)

@@ -9,7 +9,8 @@
     plait experiment {gradient-bias, small-batch, batch-sweep, gamma-ablation, information-gap, regularizers, fusion, task-baselines} [options]
 
 Exit codes: 0 done; 2 bad input (config, data, files, command line), said in one line on stderr;
-1 a bug in plait (its traceback, then one line saying so).
+1 a bug in plait (its traceback, then one line saying so); 3 (a torchrun worker) stopped because
+another rank stopped first.
 """
 
 from __future__ import annotations
@@ -317,13 +318,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("plait: interrupted", file=sys.stderr)
         return 130
-    except Exception:  # anything else is a bug in plait: the traceback, and exit code 1
-        import traceback
+    except RuntimeError as error:
+        from plait.distributed import PEER_STOPPED, peer_failure
 
-        traceback.print_exc()
-        print(f"plait: {who}internal error (a bug in plait, not in your input); please report it with the traceback above",
-              file=sys.stderr)
-        return EXIT_BUG
+        if not peer_failure(error):
+            return _bug(who)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"plait: {who}stopped: a collective failed, another rank stopped or hung first ({first[:200]})", file=sys.stderr)
+        return PEER_STOPPED
+    except Exception:  # anything else is a bug in plait: the traceback, and exit code 1
+        return _bug(who)
+
+
+def _bug(who: str) -> int:
+    """A bug in plait: the traceback of the exception being handled, a line saying so, exit code 1."""
+    import traceback
+
+    traceback.print_exc()
+    print(f"plait: {who}internal error (a bug in plait, not in your input); please report it with the traceback above",
+          file=sys.stderr)
+    return EXIT_BUG
 
 
 if __name__ == "__main__":

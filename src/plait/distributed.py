@@ -111,9 +111,15 @@ def gather(tensor: Tensor) -> Tensor:
     if not active():
         return tensor
     if tensor.requires_grad:
+        import warnings
+
         from torch.distributed.nn.functional import all_gather
 
-        return torch.cat(all_gather(tensor.contiguous()))
+        # deprecated in torch 2.13 for _functional_collectives.all_gather_single, whose backward is a
+        # reduce-scatter that gloo lacks; this one's backward runs on gloo (all-to-all) and NCCL alike
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.cat(all_gather(tensor.contiguous()))
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
@@ -188,7 +194,7 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=True)
+    return DistributedDataParallel(module, device_ids=ids)  # buffers (BatchNorm's) follow rank 0's
 
 
 class TrainingStep(torch.nn.Module):
@@ -228,6 +234,23 @@ def launch_local(nproc: int, program: str, arguments: list[str], monitor_interva
     try:
         elastic_launch(config, program)(*arguments)
     except ChildFailedError as error:
-        rank, failure = min(error.failures.items())
+        # the cause, not its echoes: a worker that exited with its own error comes before one that
+        # stopped because a peer died (PEER_STOPPED) and one the agent killed (a negative code)
+        def cause_first(item):
+            code = item[1].exitcode
+            return (0 if code > 0 and code != PEER_STOPPED else 1 if code == PEER_STOPPED else 2, item[1].timestamp, item[0])
+
+        rank, failure = min(error.failures.items(), key=cause_first)
         return rank, failure.exitcode
     return None
+
+
+PEER_STOPPED = 3  # the exit code of a worker whose collective failed because another rank stopped
+_PEER_SIGNS = ("closed by peer", "reset by peer", "broken pipe", "timed out", "timeout", "connection refused", "nccl error")
+
+
+def peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another rank stopped (or hung past
+    ``train.dist_timeout_s``) rather than a fault of this rank."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and launched() and any(sign in text for sign in _PEER_SIGNS)

@@ -27,10 +27,16 @@ def embed(model, dataset, batch_size: int, device: torch.device, features: str =
     a bank refresh leaves the training's random stream (dropout) as it was."""
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
+    wide = any(p.dtype == torch.float64 for p in model.parameters())  # train.precision=fp64: float64 inputs
+
+    def place(x):
+        if not torch.is_tensor(x):
+            return list(x)
+        return x.to(device, torch.float64) if wide and x.is_floating_point() else x.to(device)
+
     za, zb = [], []
     for _, a, b in loader:
-        a = a.to(device) if torch.is_tensor(a) else list(a)
-        b = b.to(device) if torch.is_tensor(b) else list(b)
+        a, b = place(a), place(b)
         za.append(model.encode_a(a, features=features).float().cpu())
         zb.append(model.encode_b(b, features=features).float().cpu())
     return torch.cat(za), torch.cat(zb)

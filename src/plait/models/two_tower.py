@@ -79,19 +79,24 @@ class TwoTower(ContrastiveModel):
         when the batch has augmented views; independent features when the model has their heads."""
         from plait.losses.objective import PairFeatures
 
-        bank = {} if batch.bank is None else {"a_bank": batch.bank[0].float(), "b_bank": batch.bank[1].float()}
+        bank = {} if batch.bank is None else {"a_bank": _at_least_float32(batch.bank[0]), "b_bank": _at_least_float32(batch.bank[1])}
         if batch.a_aug is None:
             za, zb, scale = self(batch.a, batch.b)
-            return PairFeatures(za.float(), zb.float(), batch.index, scale.float(), **bank)
+            return PairFeatures(_at_least_float32(za), _at_least_float32(zb), batch.index, _at_least_float32(scale), **bank)
         size = len(batch.index)
         za, zia = self.embed_a(_join(batch.a, batch.a_aug))
         zb, zib = self.embed_b(_join(batch.b, batch.b_aug))
 
         def halves(z):
-            return (None, None) if z is None else (z[:size].float(), z[size:].float())
+            return (None, None) if z is None else (_at_least_float32(z[:size]), _at_least_float32(z[size:]))
 
         (za, za_aug), (zb, zb_aug), (zia, zia_aug), (zib, zib_aug) = halves(za), halves(zb), halves(zia), halves(zib)
-        return PairFeatures(za, zb, batch.index, self.scale().float(), za_aug, zb_aug, zia, zib, zia_aug, zib_aug, **bank)
+        return PairFeatures(za, zb, batch.index, _at_least_float32(self.scale()), za_aug, zb_aug, zia, zib, zia_aug, zib_aug, **bank)
+
+
+def _at_least_float32(z: Tensor) -> Tensor:
+    """The loss's input dtype: float32 (from bf16/fp16 autocast outputs), float64 kept (``train.precision=fp64``)."""
+    return z if z.dtype == torch.float64 else z.float()
 
 
 def _join(x, y):

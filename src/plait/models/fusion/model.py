@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from plait import distributed
 from plait._checks import integer_vector
 from plait.models.fusion.encoders import MINILM, FusionEncoder, ImageTokenEncoder, TextEncoder, check_minilm_shape, init_from_minilm
 from plait.models.fusion.layers import MLMHead, init_bert_
@@ -269,15 +270,20 @@ class FusionModel(ContrastiveModel):
             features.a_ind = F.normalize(self.vision_ind(image[:, 0]), dim=-1).float()
             features.b_ind = F.normalize(self.text_ind(text[:, 0]), dim=-1).float()
 
-        # ---- ITC, in float32 even under autocast (the project's losses keep their internals float32)
+        # ---- ITC, in float32 even under autocast (the project's losses keep their internals float32).
+        # Under torchrun over the global batch: every rank's features (and momentum features, and
+        # indices) gathered, so the queue receives the same rows on every rank; ITM and MLM stay
+        # on this rank's rows, with hard negatives from this rank's block of the ITC logits.
+        features = distributed.gather_features(features)
+        mine = distributed.local_rows(features.a.shape[0])
         stats: dict[str, Tensor] = {}
         with torch.autocast(device_type=device.type, enabled=False):
             if itc_loss is None:
                 itc, logits_i2t, logits_t2i = momentum_itc_loss(
-                    features.a, features.b, features.a_aug, features.b_aug, features.logit_scale, alpha, index,
+                    features.a, features.b, features.a_aug, features.b_aug, features.logit_scale, alpha, features.index,
                     self.queue.contents() if self.queue.size else None)
                 if self.training:
-                    self.queue.enqueue(m_image, m_text, index)
+                    self.queue.enqueue(features.a_aug, features.b_aug, features.index)
             else:
                 with torch.no_grad():
                     logits_i2t = features.logit_scale * features.a @ features.b_aug.T
@@ -289,9 +295,10 @@ class FusionModel(ContrastiveModel):
                     stats.update({f"itc/{k}": v for k, v in itc_loss.stats.items() if torch.is_tensor(v)})
                 else:
                     try:
-                        itc = itc_loss(features.a, features.b, features.logit_scale, index=index)
+                        itc = itc_loss(features.a, features.b, features.logit_scale, index=features.index)
                     except ValueError as error:
                         raise ObjectiveError(str(error), features) from error
+        logits_i2t, logits_t2i = logits_i2t[mine, mine], logits_t2i[mine, mine]  # this rank's pairs
 
         # ---- ITM hard negatives (and MLM's masked text) through the fusion encoder, one call of 4B
         forbidden = same_caption(list(texts), index)

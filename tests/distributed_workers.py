@@ -95,3 +95,26 @@ class FailingMLP(MLPEncoder):
             if self.calls == 3:
                 raise ValueError("injected failure on rank 1 (tests.distributed_workers.FailingMLP)")
         return super().forward(x)
+
+
+FUSION = ["data.options.image_size=16", "model.fusion={preset: tiny, image_size: 16, queue_size: 48, alpha: 0.4}",
+          "data.batch_size=8", "optim.steps=10", "optim.max_steps=4", "train.progress=false", "train.log_every=1",
+          "train.checkpoint_every_epochs=0", "train.device=cpu", "eval.tasks=[retrieval]", "eval.gallery=0"]
+
+
+def run_fusion(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+    """configs/fusion.yaml (tiny, a queue) for 4 steps under this group; OUT/fusion-rankR.pt holds
+    the model's state (momentum encoders, queue), the logged losses and the final metrics."""
+    from plait import distributed
+    from plait.config import load_config
+    from plait.train import Trainer
+
+    _join(rank, world, port)
+    try:
+        config = load_config("fusion", [*FUSION, *overrides, f"output_dir={out}/fusion"])
+        trainer = Trainer(config)
+        metrics = trainer.fit(overwrite=True)
+        torch.save({"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                    "metrics": metrics, "step": trainer.step}, f"{out}/fusion-rank{rank}.pt")
+    finally:
+        distributed.teardown()

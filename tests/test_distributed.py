@@ -141,3 +141,18 @@ def test_sampler_shards_are_the_global_batches(world):
 def test_batch_not_divisible_by_world_size_is_refused():
     with pytest.raises(ValueError, match="divisible by world_size=3"):
         EpochSampler(10, seed=0, rank=0, world_size=3, batch_size=8)
+
+
+def test_fusion_model_trains_under_two_processes(tmp_path):
+    """The fusion model through the same contract: its ITC over the gathered batch, so the queue
+    and the momentum encoders (in its state_dict) stay identical on both ranks; ITM and MLM on each
+    rank's own rows. The queue receives both ranks' rows: 4 steps x 8 global rows."""
+    mp.spawn(workers.run_fusion, args=(2, _free_port(), [], str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"fusion-rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["step"] == 4
+    _same(ranks[1]["model"], ranks[0]["model"], "fusion state")
+    filled = ranks[0]["model"]["queue.index"] >= 0
+    assert int(filled.sum()) == 32 and int(ranks[0]["model"]["queue.ptr"]) == 32
+    assert ranks[1]["metrics"] == ranks[0]["metrics"] and "text_retrieval_recall@1" in ranks[0]["metrics"]
+    lines = (tmp_path / "fusion" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"split"' not in line for line in lines) == 4  # rank 0 alone logs

@@ -244,6 +244,7 @@ class Trainer:
         if self.param_dtype is not None:
             self.model.to(self.param_dtype)
             self.loss_fn.to(self.param_dtype)
+        self._sync_batch_norm()
         self.momentum_model = self._momentum_copy()
         # under DDP the model's training step is the wrapped forward (one step, one feature path)
         self.step_module = distributed.wrap(distributed.TrainingStep(self.model), self.device)
@@ -287,6 +288,19 @@ class Trainer:
         return config.optim.steps or config.optim.epochs * self.steps_per_epoch
 
     # ------------------------------------------------------------------------------ pieces
+    def _sync_batch_norm(self) -> None:
+        """Under torchrun a BatchNorm (the cnn tower's) normalises by the global batch's statistics on
+        CUDA (SyncBatchNorm); on the CPU torch has no SyncBatchNorm, so each rank's statistics are
+        those of its own B / W rows, which a note says once."""
+        if self.world_size == 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            return
+        if self.device.type == "cuda":
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        elif self.is_main:
+            print(f"plait: note: the model's BatchNorm layers use each rank's own {self.config.data.batch_size // self.world_size} "
+                  "rows for their statistics (torch's SyncBatchNorm needs CUDA); results differ slightly from one process",
+                  file=sys.stderr)
+
     def _momentum_copy(self) -> nn.Module | None:
         """The momentum encoder of ``train.bank_momentum`` (None when it is 0)."""
         momentum = float(self.config.train.bank_momentum)

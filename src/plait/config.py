@@ -1,6 +1,6 @@
 """Run configuration: YAML files in ``configs/`` merged over typed defaults, plus dotted overrides.
 
-``load_config("configs/emoji_gamma.yaml", ["loss.name=infonce", "data.batch_size=512"])``
+``load_config("configs/emoji.yaml", ["loss.name=infonce", "data.batch_size=512"])``
 returns an OmegaConf object; unknown keys and values of the wrong type raise a ValueError that
 names the key. Free-form option blocks (``data.options``, ``model.a``, ``model.b``,
 ``loss.options``) accept any keys and are checked by the components they configure.

@@ -1,6 +1,6 @@
 """The trainer: one loop for every loss, model and dataset of a config.
 
-    plait train configs/emoji_gamma.yaml data.batch_size=32 [--resume]
+    plait train configs/emoji.yaml data.batch_size=32 [--resume]
 
 Each step: a batch (index, view_a, view_b) in a resumable seeded order (``plait.data.sampler``)
 -> augmentation -> ``model.training_step(Batch, objective)`` (the model contract,

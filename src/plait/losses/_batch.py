@@ -15,42 +15,60 @@ same-modality duplicate of it, is not a candidate at all; every other candidate 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from plait.losses._logsumexp import weighted_logsumexp
+from plait.losses._logsumexp import pair_logsumexp, weighted_logsumexp
 
 
-@dataclass
 class PairBatch:
-    logits: Tensor  # (B, B) bimodal or (2B, 2B) unimodal, scaled similarities, with gradient
-    positive: Tensor  # (2, B) logit of each anchor's own pair
-    index: Tensor  # (B,) dataset indices
-    mode: str
-    unique: Tensor  # (U,) sorted distinct indices
-    inverse: Tensor  # (B,) position of each row's index in ``unique``
-    column_logits: Tensor | None = None  # bimodal only: direction 1 reads these (default: ``logits``)
+    """One batch's anchors and candidates: the similarity matrix (or the features it is made of),
+    the positives' logits and the dataset indices.
+
+    ``logits`` (B, B) bimodal or (2B, 2B) unimodal, the scaled similarities with gradient;
+    ``positive`` (2, B) the logit of each anchor's own pair; ``index`` (B,) the dataset indices,
+    ``unique`` (U,) the sorted distinct ones and ``inverse`` (B,) each row's position in ``unique``;
+    ``column_logits`` (bimodal only): the logits direction 1 reads (default: ``logits``).
+
+    A batch built with a ``chunk_size`` keeps the features (a, b, scale) instead and computes
+    ``log_partition`` block by block from them (``pair_logsumexp``), never forming the matrix; a
+    dense path that still needs ``logits`` (``means=True``, a positives-only partition with
+    duplicate indices, ``negative_counts`` with duplicates) computes them on first use.
+    """
+
+    def __init__(self, logits: Tensor | None, positive: Tensor, index: Tensor, mode: str, unique: Tensor,
+                 inverse: Tensor, column_logits: Tensor | None = None,
+                 features: tuple[Tensor, Tensor, Tensor] | None = None, chunk_size: int | None = None):
+        self._logits = logits
+        self.positive, self.index, self.mode, self.unique, self.inverse = positive, index, mode, unique, inverse
+        self.column_logits = column_logits
+        self.features = features
+        self.chunk_size = chunk_size
 
     @classmethod
-    def build(cls, a: Tensor, b: Tensor, scale: Tensor, index: Tensor, mode: str) -> "PairBatch":
+    def build(cls, a: Tensor, b: Tensor, scale: Tensor, index: Tensor, mode: str,
+              chunk_size: int | None = None) -> "PairBatch":
+        """The batch of features a, b (B, d); ``chunk_size`` None builds the logits now, an int
+        defers them to blocks of that many rows."""
         unique, inverse = torch.unique(index, return_inverse=True)
         if unique.numel() < 2:
             raise ValueError(
                 "the batch holds a single distinct dataset index; a contrastive loss needs at "
                 "least two different items in a batch"
             )
-        if mode == "bimodal":
-            logits = (scale * a) @ b.T
-        else:
-            views = torch.cat([a, b])
-            logits = (scale * views) @ views.T
+        logits = None if chunk_size is not None else _logits(a, b, scale, mode)
         # The own pair's logit, from a row-wise product rather than the matrix's diagonal, so
         # that its gradient costs O(B d) instead of a dense (B, B) pass.
         diagonal = scale * (a * b).sum(dim=1)
         positive = torch.stack([diagonal, diagonal])
-        return cls(logits, positive, index, mode, unique, inverse)
+        return cls(logits, positive, index, mode, unique, inverse, features=(a, b, scale), chunk_size=chunk_size)
+
+    @property
+    def logits(self) -> Tensor:
+        if self._logits is None:
+            self._logits = _logits(*self.features, self.mode)
+        return self._logits
 
     def with_logits(self, rows: Tensor, columns: Tensor | None = None) -> "PairBatch":
         """The same batch with other logits: direction 0 reads ``rows``; in bimodal mode
@@ -81,6 +99,8 @@ class PairBatch:
         """
         log_pw = math.log(positive_weight) if positive_weight > 0 else -math.inf
         log_nw = math.log(negative_weight) if negative_weight > 0 else -math.inf
+        if self._logits is None and self.chunk_size is not None and not means and log_nw > -math.inf:
+            return self._log_partition_chunked(log_pw, log_nw)
         if not self.has_duplicates:
             return self._log_partition_distinct(log_pw, log_nw, means)
         anchor_rows, positive, negative = self._masks()
@@ -123,6 +143,31 @@ class PairBatch:
         value = out[0].reshape(2, batch)
         return (value, out[2].reshape(2, batch)) if means else value
 
+    def _log_partition_chunked(self, log_pw: float, log_nw: float) -> Tensor:
+        """log_partition from the features, ``chunk_size`` rows of logits at a time.
+
+        Every anchor's negatives share one log-weight, base = log_nw - log(negatives); the
+        kernel sums exp(s + delta) with delta the positives' log_pw - log(positives) - base and
+        -inf on the non-candidates (the anchor, its same-modality duplicates), then adds base.
+        """
+        a, b, scale = self.features
+        batch = self.size
+        counts = torch.bincount(self.inverse)[self.inverse].to(a.dtype)  # (B,) rows sharing each row's index
+        if self.mode == "bimodal":
+            base = log_nw - (batch - counts).log()
+            r, c = _same_index_pairs(self.inverse)
+            delta = (log_pw - counts[r].log() - base[r]) if log_pw > -math.inf else torch.full_like(base[r], -math.inf)
+            rows, columns = pair_logsumexp(a, b, scale, (r, c, delta), chunk_size=self.chunk_size)
+            return torch.stack([rows, columns]) + base
+        base = log_nw - (2 * batch - 2 * counts).log().repeat(2)
+        r, c = _same_index_pairs(self.inverse.repeat(2))
+        positive = (r < batch) != (c < batch)  # the other modality: a positive; the same: not a candidate
+        counts2 = counts.repeat(2)
+        delta = torch.where(positive, log_pw - counts2[r].log() - base[r], -math.inf)
+        views = torch.cat([a, b])
+        rows, _ = pair_logsumexp(views, views, scale, (r, c, delta), columns=False, chunk_size=self.chunk_size)
+        return (rows + base).reshape(2, batch)
+
     def _masks(self) -> tuple[Tensor, Tensor, Tensor]:
         """Logits arranged with one anchor per row, and its positive and negative masks.
 
@@ -141,3 +186,21 @@ class PairBatch:
         cross = modality[:, None] != modality[None, :]
         return self.logits, same_views & cross, ~same_views
 
+
+def _logits(a: Tensor, b: Tensor, scale: Tensor, mode: str) -> Tensor:
+    """s = scale * a @ b.T (bimodal, (B, B)) or scale * v @ v.T, v = [a; b] (unimodal, (2B, 2B))."""
+    if mode == "bimodal":
+        return (scale * a) @ b.T
+    views = torch.cat([a, b])
+    return (scale * views) @ views.T
+
+
+def _same_index_pairs(inverse: Tensor) -> tuple[Tensor, Tensor]:
+    """Every (r, c) with inverse[r] == inverse[c] (r == c included), grouped by r: O(sum of squared counts)."""
+    counts = torch.bincount(inverse)
+    order = torch.argsort(inverse, stable=True)  # rows grouped by item
+    first = torch.cumsum(counts, 0) - counts  # where each item's group starts in ``order``
+    per_row = counts[inverse]
+    rows = torch.repeat_interleave(torch.arange(inverse.numel(), device=inverse.device), per_row)
+    offset = torch.arange(rows.numel(), device=inverse.device) - torch.repeat_interleave(torch.cumsum(per_row, 0) - per_row, per_row)
+    return rows, order[first[inverse[rows]] + offset]

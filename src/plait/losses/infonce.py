@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plait.losses._inputs import check_index, check_mode, check_temperature, prepare_pair, resolve_scale
+from plait.losses._logsumexp import CHUNK_ROWS, check_chunk_size, pair_logsumexp, use_chunks
 
 
 class InfoNCELoss(nn.Module):
@@ -27,14 +30,23 @@ class InfoNCELoss(nn.Module):
     A batch of one pair is allowed: the softmax runs over a single candidate, so L = 0 with a zero
     gradient (as open_clip and pytorch-metric-learning give).
 
+    ``chunk_size``: the log-sum-exps are computed from the features ``chunk_size`` rows of s at a
+    time (``plait.losses._logsumexp.pair_logsumexp``): memory O(B * chunk_size) instead of the
+    (B, B) matrix (unimodal: (2B, 2B)), the same value and gradient up to float rounding, and on
+    CPU faster than the dense formula (benchmarks/loss_speed.py). Matrices of at most
+    ``DENSE_ROWS`` = 128 rows, where plain autograd ops are faster, and ``chunk_size=None`` use
+    the dense formula (cross-entropy over the materialised s).
+
     Shapes: ``features_a``, ``features_b`` (B, d); returns a scalar.
     """
 
-    def __init__(self, temperature: float = 0.07, mode: str = "bimodal", normalize: bool = True):
+    def __init__(self, temperature: float = 0.07, mode: str = "bimodal", normalize: bool = True,
+                 chunk_size: int | None = CHUNK_ROWS):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.mode = check_mode(mode)
         self.normalize = normalize
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def forward(
         self,
@@ -55,16 +67,40 @@ class InfoNCELoss(nn.Module):
         if index is not None:
             check_index(index, a.shape[0], None, a.device)
         scale = resolve_scale(logit_scale, self.temperature, a)
-        batch = a.shape[0]
-        if self.mode == "bimodal":
-            logits = scale * (a @ b.T)
-            labels = torch.arange(batch, device=a.device)
-            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        views = torch.cat([a, b])
-        logits = scale * (views @ views.T)
-        logits = logits.masked_fill(torch.eye(2 * batch, dtype=torch.bool, device=a.device), float("-inf"))
-        partner = torch.arange(2 * batch, device=a.device).roll(batch)
-        return F.cross_entropy(logits, partner)
+        n_rows = a.shape[0] if self.mode == "bimodal" else 2 * a.shape[0]
+        if use_chunks(n_rows, self.chunk_size):
+            return _chunked(a, b, scale, self.mode, self.chunk_size)
+        return _dense(a, b, scale, self.mode)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, mode={self.mode!r}, normalize={self.normalize}"
+        return (f"temperature={self.temperature}, mode={self.mode!r}, normalize={self.normalize}, "
+                f"chunk_size={self.chunk_size}")
+
+
+def _dense(a: Tensor, b: Tensor, scale: Tensor, mode: str) -> Tensor:
+    """InfoNCE as cross-entropy over the materialised logits s: (B, B) bimodal, (2B, 2B) unimodal."""
+    batch = a.shape[0]
+    if mode == "bimodal":
+        logits = scale * (a @ b.T)
+        labels = torch.arange(batch, device=a.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    views = torch.cat([a, b])
+    logits = scale * (views @ views.T)
+    logits = logits.masked_fill(torch.eye(2 * batch, dtype=torch.bool, device=a.device), float("-inf"))
+    partner = torch.arange(2 * batch, device=a.device).roll(batch)
+    return F.cross_entropy(logits, partner)
+
+
+def _chunked(a: Tensor, b: Tensor, scale: Tensor, mode: str, chunk_size: int) -> Tensor:
+    """InfoNCE from the row (and column) log-sum-exps of s, computed block by block:
+    L = mean_r (log sum_c exp(s_rc) - s_r,positive), over both directions (bimodal) or the 2B
+    views with s_pp removed (unimodal)."""
+    positive = scale * (a * b).sum(dim=1)  # s_ii, (B,)
+    if mode == "bimodal":
+        rows, columns = pair_logsumexp(a, b, scale, chunk_size=chunk_size)
+        return ((rows - positive).mean() + (columns - positive).mean()) / 2
+    views = torch.cat([a, b])
+    self_pairs = torch.arange(views.shape[0], device=a.device)
+    removed = (self_pairs, self_pairs, views.new_full((views.shape[0],), -math.inf))
+    rows, _ = pair_logsumexp(views, views, scale, removed, columns=False, chunk_size=chunk_size)
+    return (rows - positive.repeat(2)).mean()

@@ -7,7 +7,9 @@ import math
 import torch
 from torch import Tensor
 
-from plait.losses._inputs import check_mode, check_temperature
+from plait.losses._batch import PairBatch
+from plait.losses._inputs import check_index, check_mode, check_temperature, prepare_pair, resolve_scale
+from plait.losses._logsumexp import CHUNK_ROWS, check_chunk_size, use_chunks
 from plait.losses._state import PerSampleState
 
 
@@ -36,6 +38,12 @@ class SogCLRLoss(PerSampleState):
     log u_i is finite in both directions; a non-finite feature row leaves the state as it was (the
     returned value may then be NaN). A batch needs at least 2 pairs.
 
+    ``chunk_size``: gbatch is computed from the features ``chunk_size`` rows of s at a time
+    (``plait.losses._logsumexp.pair_logsumexp``), never forming the (B, B) (unimodal: (2B, 2B))
+    matrix: memory O(B * chunk_size), the same value and gradient up to float rounding, and on CPU
+    faster than the dense computation. Matrices of at most 128 rows (``DENSE_ROWS``), where plain
+    autograd ops are faster, and ``chunk_size=None`` use the dense logits.
+
     Shapes: ``features_a``, ``features_b`` (B, d); ``index`` (B,); returns a scalar.
     """
 
@@ -47,6 +55,7 @@ class SogCLRLoss(PerSampleState):
         mode: str = "bimodal",
         normalize: bool = True,
         epsilon: float | None = None,
+        chunk_size: int | None = CHUNK_ROWS,
     ):
         super().__init__(dataset_size)
         if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
@@ -60,6 +69,19 @@ class SogCLRLoss(PerSampleState):
             raise ValueError(f"epsilon must be a non-negative number or None, got {epsilon!r}")
         self.epsilon = 1.0 / (n - 1) if epsilon is None else float(epsilon)
         self._log_offset = math.log((n - 1) / n)
+        self.chunk_size = check_chunk_size(chunk_size)
+
+    def prepare_batch(self, features_a: Tensor, features_b: Tensor, index: Tensor,
+                      logit_scale: Tensor | float | None) -> tuple[Tensor, Tensor, Tensor, PairBatch]:
+        """As ``PerSampleState.prepare_batch``, the logits left to ``chunk_size``-row blocks
+        (never formed) past the dense size."""
+        a, b = prepare_pair(features_a, features_b, self.normalize)
+        self.check_device(a.device)
+        index = check_index(index, a.shape[0], self.dataset_size, a.device)
+        scale = resolve_scale(logit_scale, self.temperature, a)
+        n_rows = a.shape[0] if self.mode == "bimodal" else 2 * a.shape[0]
+        chunk = self.chunk_size if use_chunks(n_rows, self.chunk_size) else None
+        return a, b, scale, PairBatch.build(a, b, scale, index, self.mode, chunk_size=chunk)
 
     def forward(
         self, features_a: Tensor, features_b: Tensor, logit_scale: Tensor | float | None = None, *, index: Tensor
@@ -100,5 +122,5 @@ class SogCLRLoss(PerSampleState):
     def extra_repr(self) -> str:
         return (
             f"dataset_size={self.dataset_size}, gamma={self.gamma}, temperature={self.temperature}, "
-            f"mode={self.mode!r}, epsilon={self.epsilon:.3g}"
+            f"mode={self.mode!r}, epsilon={self.epsilon:.3g}, chunk_size={self.chunk_size}"
         )

@@ -28,6 +28,7 @@ CASES = [
                      "regularizers=[{name: consistency}]"]),
     ("grad-cache", ["loss.name=infonce", "train.grad_cache_chunk=3"]),  # 8 rows a rank: chunks of 3, 3, 2
 ]
+BF16 = ("bf16", ["loss.name=gamma", "loss.options={estimator: ema}", "train.precision=bf16"])  # autocast, loss in float32
 
 
 def _free_port() -> int:
@@ -54,7 +55,7 @@ def _same(got: dict, want: dict, what: str) -> None:
 def two_process_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     start = time.perf_counter()
-    mp.spawn(workers.run_cases, args=(2, _free_port(), CASES, str(out)), nprocs=2, join=True)
+    mp.spawn(workers.run_cases, args=(2, _free_port(), [*CASES, BF16], str(out)), nprocs=2, join=True)
     print(f"2-process cases: {time.perf_counter() - start:.1f} s")
     return out
 
@@ -69,6 +70,19 @@ def test_two_processes_equal_one(two_process_runs, tmp_path, name, overrides):
     _close(ranks[0]["model"], single["model"], "parameter")
     _close(ranks[0]["loss"], single["loss"], "loss state")
     # every rank holds the same parameters and the same per-sample state, bit for bit
+    _same(ranks[1]["model"], ranks[0]["model"], "parameter")
+    _same(ranks[1]["loss"], ranks[0]["loss"], "loss state")
+
+
+def test_bf16_autocast_under_two_processes(two_process_runs, tmp_path):
+    """bf16 autocast on the CPU under DDP: the same run as one process up to bf16 rounding of the
+    towers (the loss is computed in float32 on the gathered features), identical on both ranks."""
+    name, overrides = BF16
+    ranks = [torch.load(two_process_runs / f"{name}-rank{r}.pt") for r in (0, 1)]
+    single = workers.train_case([*overrides, f"output_dir={tmp_path / name}"])
+    assert ranks[0]["losses"] == pytest.approx(single["losses"], abs=2e-2)
+    assert ranks[0]["loss"]["base.log_z"].dtype == torch.float32
+    _close(ranks[0]["model"], single["model"], "parameter", tolerance=2e-2)
     _same(ranks[1]["model"], ranks[0]["model"], "parameter")
     _same(ranks[1]["loss"], ranks[0]["loss"], "loss state")
 

@@ -903,8 +903,8 @@ class Trainer:
         from tqdm import tqdm
 
         config = self.config
-        # a progress bar only on a terminal: in a log file or a pipe it writes thousands of \r lines
-        bar = tqdm(total=total_steps, initial=self.step, disable=not (config.train.progress and sys.stderr.isatty()),
+        # a progress bar only on a terminal (rank 0's): in a log file or a pipe it writes thousands of \r lines
+        bar = tqdm(total=total_steps, initial=self.step, disable=not (config.train.progress and sys.stderr.isatty() and self.is_main),
                    desc=config.name, unit="step", dynamic_ncols=True)
         try:
             self._loop(total_steps, bar)

@@ -1,6 +1,7 @@
 """torchrun/DDP against one process: 2 spawned gloo processes with the same global batch give the
-same losses, gradients, per-sample state and parameters (float64, within 1e-6 as the issue asks;
-in practice ~1e-12), identical state on both ranks, resume across world sizes, a failing rank."""
+same losses, gradients, per-sample state and parameters (float64: asserted within 1e-9, the issue
+asks 1e-6; measured within 1e-11), identical state on both ranks, resume across world sizes, a
+failing rank, the fusion model, bf16 autocast."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _close(got: dict, want: dict, what: str, tolerance: float = 1e-6) -> None:
+def _close(got: dict, want: dict, what: str, tolerance: float = 1e-9) -> None:
     assert got.keys() == want.keys(), what
     for key in want:
         if want[key].is_floating_point():

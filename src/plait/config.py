@@ -103,7 +103,7 @@ class TrainConfig:
     grad_cache_chunk: int = 0
     # torchrun: how long a collective waits for the other ranks before the job stops (a dead or
     # stuck peer; torchrun's agent stops the job first when a rank exits with an error)
-    dist_timeout_s: float = 600.0
+    dist_timeout_s: float = 1800.0
 
 
 @dataclass

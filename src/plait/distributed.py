@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_TIMEOUT_S = 1800.0  # train.dist_timeout_s's default (torch's own for gloo)
 
 
 def launched() -> bool:
@@ -140,13 +140,14 @@ def gather_features(features):
     return replace(features, **changes, gathered=True)
 
 
-def all_mean(value: float | Tensor) -> float:
-    """The mean over ranks of a number (a logged loss); the number itself in one process."""
-    if not active():
-        return float(value)
-    tensor = torch.as_tensor(float(value), dtype=torch.float64, device=_collective_device())
+def all_mean(values: list[float]) -> list[float]:
+    """The means over ranks of numbers (logged loss terms), in one all-reduce; the numbers
+    themselves in one process."""
+    if not active() or not values:
+        return [float(v) for v in values]
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor)
-    return float(tensor) / world_size()
+    return (tensor / world_size()).tolist()
 
 
 def any_rank(flag: bool) -> bool:
@@ -186,15 +187,31 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def has_batch_norm(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
 def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``module`` under DistributedDataParallel (one device per rank), or as it is in one
-    process. Parameters are broadcast from rank 0 at construction."""
+    process. Parameters are broadcast from rank 0 at construction; with BatchNorm its buffers
+    too, at every forward (without, the buffers, e.g. a fusion queue, are identical by
+    construction and sending them would cost a queue's size per step)."""
     if not active():
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids)  # buffers (BatchNorm's) follow rank 0's
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=has_batch_norm(module))
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Every floating buffer of ``module`` set to rank 0's (BatchNorm's running statistics, which
+    on the CPU each rank updates from its own rows), before a pass every rank must make alike."""
+    if not active():
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.broadcast(buffer.data, src=0)
 
 
 class TrainingStep(torch.nn.Module):
@@ -228,6 +245,8 @@ def launch_local(nproc: int, program: str, arguments: list[str], monitor_interva
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: no more threads than cores
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                           monitor_interval=monitor_interval_s, start_method="spawn")
@@ -238,7 +257,9 @@ def launch_local(nproc: int, program: str, arguments: list[str], monitor_interva
         # stopped because a peer died (PEER_STOPPED) and one the agent killed (a negative code)
         def cause_first(item):
             code = item[1].exitcode
-            return (0 if code > 0 and code != PEER_STOPPED else 1 if code == PEER_STOPPED else 2, item[1].timestamp, item[0])
+            # own error; killed by a signal (OOM, segfault) but not the agent's SIGTERM; peer stopped; SIGTERM
+            order = 0 if code > 0 and code != PEER_STOPPED else 1 if code < 0 and code != -15 else 2 if code == PEER_STOPPED else 3
+            return order, item[1].timestamp, item[0]
 
         rank, failure = min(error.failures.items(), key=cause_first)
         return rank, failure.exitcode
@@ -246,7 +267,7 @@ def launch_local(nproc: int, program: str, arguments: list[str], monitor_interva
 
 
 PEER_STOPPED = 3  # the exit code of a worker whose collective failed because another rank stopped
-_PEER_SIGNS = ("closed by peer", "reset by peer", "broken pipe", "timed out", "timeout", "connection refused", "nccl error")
+_PEER_SIGNS = ("gloo", "nccl", "processgroup", "c10d", "closed by peer", "reset by peer")  # torch.distributed's messages
 
 
 def peer_failure(error: BaseException) -> bool:

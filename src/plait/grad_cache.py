@@ -170,8 +170,11 @@ def grad_cache_step(features_fn: Callable[[Batch], Any], batch: Batch, objective
     - **DDP**: the backward of every chunk but the last runs inside ``no_sync()`` (pass the wrapped
       module's ``no_sync``), so gradients are all-reduced once, on the last backward, which reaches
       every parameter (it carries the logit-scale term). Stage 1 runs under no_grad, where DDP sets
-      up no reduction. The objective sees this rank's B rows only (no feature gathering here).
-    - **Mixed precision**: call it inside the autocast region; the objective runs in float32
+      up no reduction. Under torchrun ``apply_objective`` gathers the features of every rank
+      (with gradient), so the cached gradients are those of the global loss.
+    - **Mixed precision**: call it outside the autocast region with a ``features_fn`` that enters
+      it (the trainer's does), so that the backward passes run outside it as a plain step's do;
+      the objective runs in float32
       (``apply_objective``); with fp16 pass ``scale_loss=scaler.scale``: the cached gradients, and so
       the parameter gradients, are then scaled (unscale them before clipping, as the trainer does).
     """

@@ -219,6 +219,12 @@ class Trainer:
         if not 2 <= batch_size <= len(self.train_set):
             raise ValueError(f"data.batch_size={batch_size} must be in [2, {len(self.train_set)}] (the training set size)")
         local_batch = distributed.local_batch_size(batch_size)
+        if self.world_size > 1 and config.model.kind == "fusion" and local_batch < 2:
+            raise ValueError(f"data.batch_size={batch_size} gives {local_batch} row per process; the fusion model needs at "
+                             f"least 2 per process (ITM draws its negatives from them): use at least {2 * self.world_size}")
+        if self.world_size > 1 and self.device.type == "cuda" and str(config.train.device).startswith("cuda:"):
+            raise ValueError(f"train.device={config.train.device} would put every rank on one GPU; under torchrun each rank "
+                             "takes the GPU of its LOCAL_RANK: use train.device=cuda or auto")
         chunk = config.train.grad_cache_chunk
         if not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0):
             raise ValueError(f"train.grad_cache_chunk={chunk!r} is not valid: it must be an integer >= 0 (0: off)")
@@ -406,6 +412,8 @@ class Trainer:
         some item's features are not finite, else None."""
         base = self.loss_fn.base
         if hasattr(base, "needs_candidates") and base.needs_candidates(self.config.model.embed_dim):
+            if self.world_size > 1 and distributed.has_batch_norm(self.model):  # rank 0's running statistics everywhere
+                distributed.broadcast_buffers(self.model)
             za, zb = self._encode_train_set()
             if not bool(torch.isfinite(za).all() & torch.isfinite(zb).all()):
                 return "non-finite features of the training set (for the loss's memory bank)"
@@ -433,7 +441,7 @@ class Trainer:
         loss's forward pass wrote into its per-sample state is kept: the losses write only finite
         entries, estimates under the current (unchanged, finite) parameters."""
         index, a, b, a_aug, b_aug = self._prepare(index, a, b)
-        fault = self.refresh_candidates()
+        fault = self.refresh_candidates()  # (every rank alike)
         if fault is not None:
             return self._fault(fault, index)
         if not (self.model.training and self.loss_fn.training):  # evaluation switches them off
@@ -442,7 +450,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         try:
             with runtime.autocast(self.device, self.amp_dtype):
-                out = self._forward_backward(self.batch(index, a, b, a_aug, b_aug))
+                batch = self.batch(index, a, b, a_aug, b_aug)
+            out = self._forward_backward(batch)
         except ObjectiveError as error:  # a feature row with no direction (all zeros) is refused by the loss
             fault = _degenerate_features(error.features, index)
             if fault is None:
@@ -496,13 +505,18 @@ class Trainer:
 
             step = self.step_module
             no_sync = getattr(step, "no_sync", contextlib.nullcontext)
-            return grad_cache_step(lambda part: step(part, None), batch, self.loss_fn, chunk, no_sync=no_sync,
-                                   scale_loss=scale_loss)
-        if self.world_size > 1:
-            out = self.step_module(batch, self.loss_fn)
-        else:  # one process: the model itself, no wrapper in the way
-            out = self.model.training_step(batch, self.loss_fn)
-        scale_loss(out.loss).backward()
+
+            def features(part: Batch):  # forward passes in the autocast region, backward passes outside it
+                with runtime.autocast(self.device, self.amp_dtype):
+                    return step(part, None)
+
+            return grad_cache_step(features, batch, self.loss_fn, chunk, no_sync=no_sync, scale_loss=scale_loss)
+        with runtime.autocast(self.device, self.amp_dtype):
+            if self.world_size > 1:
+                out = self.step_module(batch, self.loss_fn)
+            else:  # one process: the model itself, no wrapper in the way
+                out = self.model.training_step(batch, self.loss_fn)
+        scale_loss(out.loss).backward()  # outside autocast, as torch recommends
         return out
 
     def _fault(self, what: str, index: torch.Tensor) -> None:
@@ -519,7 +533,8 @@ class Trainer:
             self.skipped_steps += 1
             self.consecutive_skips += 1
             if self.consecutive_skips < MAX_CONSECUTIVE_SKIPS:
-                print(f"plait: skipped {where} (train.on_nonfinite=skip; {self.skipped_steps} skipped so far)", file=sys.stderr)
+                if self.is_main:
+                    print(f"plait: skipped {where} (train.on_nonfinite=skip; {self.skipped_steps} skipped so far)", file=sys.stderr)
                 with warnings.catch_warnings():  # a skipped first step: "lr_scheduler.step() before optimizer.step()"
                     warnings.simplefilter("ignore", UserWarning)
                     self.scheduler.step()
@@ -928,8 +943,12 @@ class Trainer:
                 if self.step % log_every == 0 or self.step == total_steps:
                     elapsed = time.perf_counter() - window_start
                     mean_loss = torch.stack(running).mean().item() if running else None  # None: every step skipped
-                    if self.world_size > 1 and mean_loss is not None:  # the ranks' own terms (fusion) differ
-                        mean_loss = distributed.all_mean(mean_loss)
+                    terms = {key: float(value) for key, value in self.terms.items()}  # the named terms of the last step taken
+                    if self.world_size > 1:  # the ranks' own terms (fusion's ITM, MLM) differ: their means
+                        shown = [mean_loss if mean_loss is not None else 0.0, *terms.values()]
+                        means = distributed.all_mean(shown)
+                        mean_loss = means[0] if mean_loss is not None else None
+                        terms = dict(zip(terms, means[1:]))
                     record = {
                         "step": self.step, "epoch": self.epoch, "loss": mean_loss,
                         "lr": self.scheduler.get_last_lr()[0], "logit_scale": self.model.scale().item(),
@@ -938,8 +957,7 @@ class Trainer:
                     }
                     if self._skip_nonfinite:
                         record["skipped_steps"] = self.skipped_steps
-                    for key, value in self.terms.items():  # the named terms of the last step taken
-                        record[key] = float(value)
+                    record.update(terms)
                     self.log(record)
                     if running:
                         bar.set_postfix(loss=f"{record['loss']:.3f}", samples_per_s=f"{record['samples_per_s']:.0f}")

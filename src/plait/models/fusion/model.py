@@ -321,6 +321,8 @@ class FusionModel(ContrastiveModel):
         mlm_logits = self.mlm_head(fused[3 * batch:][chosen], self.text_encoder.embeddings.word.weight).float()
         if targets.numel() == 0:
             mlm = fused[3 * batch:].sum() * 0.0
+            if distributed.active():  # DDP needs every parameter in every step's graph: the head's (zero) gradient
+                mlm = mlm + mlm_logits.sum() * 0.0
         else:
             mlm = F.cross_entropy(mlm_logits, targets)
             if self.mlm_distill and alpha > 0:

@@ -1,11 +1,13 @@
 """Forward + backward time and peak memory of each loss, side by side in one run.
 
-    python benchmarks/loss_speed.py [--sizes 256 1024 4096] [--dim 256] [--repeats 7]
+    python benchmarks/loss_speed.py [--sizes 256 1024 4096] [--dim 256] [--repeats 7] [--chunk-sizes 128 256 None]
 
 For every batch size B: plait's InfoNCE, the gamma loss (default ema estimator, and the memory
-estimator), SogCLR, pytorch-metric-learning's NTXentLoss used as a CLIP loss (both directions,
-``ref_emb``; where it fits), and a lower bound made of the same matrix products alone
-(logits = a @ b.T and the two products of its backward). Times are medians of ``--repeats``
+estimator), SogCLR, an open_clip-style CLIP loss written here (two cross-entropies over
+s a @ b.T and s b @ a.T), pytorch-metric-learning's NTXentLoss used as a CLIP loss (both
+directions, ``ref_emb``; where it fits), and a lower bound made of the same matrix products alone
+(logits = a @ b.T and the two products of its backward). ``--chunk-sizes`` adds InfoNCE and
+SogCLR rows at other ``chunk_size`` values (None: the dense path). Times are medians of ``--repeats``
 runs after a warm-up; peak memory is the rise of the process's peak resident set (VmHWM,
 reset before each measurement) over its resident set before the call, measured in a child
 process whose glibc MALLOC_MMAP_THRESHOLD_ is fixed at 16 kB so that every tensor buffer is
@@ -26,6 +28,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from plait.losses import GammaContrastiveLoss, InfoNCELoss, SogCLRLoss
 
@@ -54,7 +57,25 @@ def _pml_clip_loss():
     return loss
 
 
-def _candidates(batch: int, dim: int) -> dict:
+def open_clip_style(a, b, index, scale: float = 1 / 0.07):
+    """The CLIP loss as open_clip computes it (both logit matrices, two cross-entropies),
+    written here: (CE(s a @ b.T, arange) + CE(s b @ a.T, arange)) / 2."""
+    labels = torch.arange(a.shape[0])
+    return (F.cross_entropy(scale * a @ b.T, labels) + F.cross_entropy(scale * b @ a.T, labels)) / 2
+
+
+def _chunk_candidates(chunk_sizes: list) -> dict:
+    """InfoNCE and SogCLR at other chunk sizes (None: the dense path)."""
+    out = {}
+    for chunk in chunk_sizes:
+        infonce = InfoNCELoss(temperature=0.07, chunk_size=chunk)
+        sogclr = SogCLRLoss(DATASET_SIZE, temperature=0.07, chunk_size=chunk)
+        out[f"plait InfoNCE (chunk_size={chunk})"] = lambda a, b, index, loss=infonce: loss(a, b)
+        out[f"plait SogCLR (chunk_size={chunk})"] = lambda a, b, index, loss=sogclr: loss(a, b, index=index)
+    return out
+
+
+def _candidates(batch: int, dim: int, chunk_sizes: list = ()) -> dict:
     """name -> callable(a, b, index) returning a scalar to backpropagate."""
     gradient = torch.randn(batch, batch)
 
@@ -68,10 +89,12 @@ def _candidates(batch: int, dim: int) -> dict:
     sogclr = SogCLRLoss(DATASET_SIZE, temperature=0.07)
     return {
         "matmul bound": matmul_bound,
+        "open_clip-style loss": open_clip_style,
         "plait InfoNCE": lambda a, b, index: infonce(a, b),
         "plait gamma (ema)": lambda a, b, index: gamma(a, b, index=index),
         "plait gamma (memory, 4096 bank rows)": lambda a, b, index: memory(a, b, index=index),
         "plait SogCLR": lambda a, b, index: sogclr(a, b, index=index),
+        **_chunk_candidates(chunk_sizes),
         "PML NTXentLoss (CLIP form)": _pml_clip_loss(),
     }
 
@@ -124,7 +147,7 @@ def _peaks(args) -> dict:
     """Peak memory of every (loss, B), measured in a child process with a fixed mmap threshold."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "16384"}
     command = [sys.executable, __file__, "--memory-only", "--dim", str(args.dim), "--pml-max-batch",
-               str(args.pml_max_batch), "--sizes", *map(str, args.sizes)]
+               str(args.pml_max_batch), "--sizes", *map(str, args.sizes), "--chunk-sizes", *map(str, args.chunk_sizes)]
     return json.loads(subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout)
 
 
@@ -135,31 +158,34 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--pml-max-batch", type=int, default=256,
                         help="largest B to run PML at (it builds index tensors for all B^2 pairs; default %(default)s)")
+    parser.add_argument("--chunk-sizes", nargs="*", default=[], type=lambda x: None if x == "None" else int(x),
+                        help="extra InfoNCE and SogCLR rows at these chunk_size values (None: the dense path)")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_only:
         peaks = {f"{name}|{batch}": peak_memory(fn, batch, args.dim)
-                 for batch in args.sizes for name, fn in _candidates(batch, args.dim).items() if not _skip(name, batch, args)}
+                 for batch in args.sizes for name, fn in _candidates(batch, args.dim, args.chunk_sizes).items()
+                 if not _skip(name, batch, args)}
         print(json.dumps(peaks))
         return
     peaks = _peaks(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 CPU, d = {args.dim}, "
           f"median of {args.repeats} runs\n")
-    print("| loss | B | fwd+bwd ms | x InfoNCE | x matmul bound | peak MB | peak x InfoNCE |")
-    print("|---|---|---|---|---|---|---|")
+    print("| loss | B | fwd+bwd ms | x InfoNCE | x matmul bound | x open_clip-style | peak MB | peak x InfoNCE |")
+    print("|---|---|---|---|---|---|---|---|")
     for batch in args.sizes:
         fns = {}
-        for name, fn in _candidates(batch, args.dim).items():
+        for name, fn in _candidates(batch, args.dim, args.chunk_sizes).items():
             if _skip(name, batch, args):
-                print(f"| {name} | {batch} | not run: builds B^2 pair-index tensors (B=1024 exceeded a 16 GB memory limit) | | | | |")
+                print(f"| {name} | {batch} | not run: builds B^2 pair-index tensors (B=1024 exceeded a 16 GB memory limit) | | | | | |")
                 continue
             fns[name] = fn
         times = median_times(fns, batch, args.dim, args.repeats)
         for name, seconds in times.items():
             peak = peaks[f"{name}|{batch}"]
             print(f"| {name} | {batch} | {seconds * 1e3:.1f} | {seconds / times['plait InfoNCE']:.2f} | "
-                  f"{seconds / times['matmul bound']:.2f} | {peak / 2**20:.0f} | "
-                  f"{peak / peaks[f'plait InfoNCE|{batch}']:.2f} |", flush=True)
+                  f"{seconds / times['matmul bound']:.2f} | {seconds / times['open_clip-style loss']:.2f} | "
+                  f"{peak / 2**20:.0f} | {peak / peaks[f'plait InfoNCE|{batch}']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

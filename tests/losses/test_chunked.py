@@ -19,6 +19,15 @@ def always_chunked(monkeypatch):
     monkeypatch.setattr(_logsumexp, "DENSE_ROWS", 0)
 
 
+@pytest.fixture(params=["auto", "exact"])
+def kernel_path(request, monkeypatch):
+    """"auto": one common shift where the logits' range allows it (most cases here); "exact":
+    every line shifted by its own maximum, as at low temperature in float32."""
+    if request.param == "exact":
+        monkeypatch.setattr(_logsumexp, "_common_shift", lambda *args: None)
+    return request.param
+
+
 def _features(rows, columns, dim, seed):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(rows, dim, generator=g, dtype=torch.float64)
@@ -48,7 +57,7 @@ def _entries(kind, rows, columns, seed):
 @pytest.mark.parametrize("rows,columns,dim,chunk", [(7, 7, 3, 2), (12, 12, 5, 4), (13, 9, 4, 5), (9, 13, 2, 13), (20, 20, 6, 64)])
 @pytest.mark.parametrize("entries", [None, "diagonal", "mixed"])
 @pytest.mark.parametrize("temperature", [0.01, 0.1, 1.0])
-def test_pair_logsumexp_matches_dense(rows, columns, dim, chunk, entries, temperature):
+def test_pair_logsumexp_matches_dense(kernel_path, rows, columns, dim, chunk, entries, temperature):
     a, b = _features(rows, columns, dim, seed=rows + chunk)
     scale = torch.tensor(1 / temperature, dtype=torch.float64, requires_grad=True)
     spec = _entries(entries, rows, columns, seed=dim)
@@ -69,7 +78,7 @@ def test_pair_logsumexp_matches_dense(rows, columns, dim, chunk, entries, temper
 
 @pytest.mark.parametrize("rows,columns", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("chunk", [1, 2, 5])
-def test_pair_logsumexp_gradcheck(rows, columns, chunk):
+def test_pair_logsumexp_gradcheck(kernel_path, rows, columns, chunk):
     a, b = _features(5, 4, 3, seed=chunk)
     scale = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
     spec = (torch.tensor([0, 3, 1]), torch.tensor([0, 2, 3]), torch.tensor([-math.inf, 0.7, -1.2], dtype=torch.float64))
@@ -79,6 +88,19 @@ def test_pair_logsumexp_gradcheck(rows, columns, chunk):
         return tuple(o for o in out if o is not None)
 
     assert torch.autograd.gradcheck(f, (a, b, scale))
+
+
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_a_retained_graph_gives_the_same_gradient_twice(kernel_path, chunk):
+    """The backward overwrites a single kept block; a second backward recomputes it."""
+    a, b = _features(8, 8, 4, seed=7)
+    scale = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    rows, columns = pair_logsumexp(a, b, scale, chunk_size=chunk)
+    value = (rows * torch.arange(8.0, dtype=torch.float64)).sum() + columns.sum()
+    first = torch.autograd.grad(value, (a, b, scale), retain_graph=True)
+    second = torch.autograd.grad(value, (a, b, scale))
+    for x, y in zip(first, second):
+        torch.testing.assert_close(x, y, **TOL)
 
 
 def _infonce_oracle(a, b, scale, mode):
@@ -97,7 +119,7 @@ def _infonce_oracle(a, b, scale, mode):
 @pytest.mark.parametrize("mode", ["bimodal", "unimodal"])
 @pytest.mark.parametrize("batch,chunk", [(2, 1), (9, 4), (16, 16), (23, 5), (40, 7)])
 @pytest.mark.parametrize("temperature", [0.01, 0.07, 1.0])
-def test_infonce_chunked_matches_cross_entropy(always_chunked, mode, batch, chunk, temperature):
+def test_infonce_chunked_matches_cross_entropy(always_chunked, kernel_path, mode, batch, chunk, temperature):
     a, b = _features(batch, batch, 8, seed=batch)
     scale = torch.tensor(1 / temperature, dtype=torch.float64, requires_grad=True)
     got = InfoNCELoss(mode=mode, chunk_size=chunk)(a, b, scale)
@@ -139,7 +161,7 @@ def _sogclr_steps(loss, a, b, scale, indices):
 @pytest.mark.parametrize("mode", ["bimodal", "unimodal"])
 @pytest.mark.parametrize("duplicates", [False, True])
 @pytest.mark.parametrize("batch,chunk,temperature", [(6, 4, 0.01), (17, 5, 0.1), (24, 24, 0.5)])
-def test_sogclr_chunked_matches_dense(always_chunked, mode, duplicates, batch, chunk, temperature):
+def test_sogclr_chunked_matches_dense(always_chunked, kernel_path, mode, duplicates, batch, chunk, temperature):
     a, b = _features(batch, batch, 5, seed=batch + duplicates)
     scale = torch.tensor(1 / temperature, dtype=torch.float64, requires_grad=True)
     g = torch.Generator().manual_seed(batch)

@@ -179,14 +179,127 @@ def pair_logsumexp(
     return (out_rows if rows else None), (out_columns if columns else None)
 
 
-def _pair_block(a_t: Tensor, b: Tensor, start: int, stop: int, entries, cut: tuple[int, int], out: Tensor) -> Tensor:
-    """Rows [start, stop) of the base-2 logits a_t @ b.T + delta (a_t = a * scale * log2 e), in ``out``."""
-    block = torch.mm(a_t[start:stop], b.T, out=out[: stop - start])
-    lo, hi = cut
-    if hi > lo:
-        r, c, value = entries
-        block.index_put_((r[lo:hi] - start, c[lo:hi]), value[lo:hi], accumulate=True)
-    return block
+def _blocks(a_t: Tensor, b: Tensor, entries, cuts: list[int], chunk: int, shift: float | None, out: Tensor):
+    """Yield (start, stop, block): rows [start, stop) of the base-2 logits a_t @ b.T + delta log2 e
+    (a_t = a * scale * log2 e), minus ``shift`` if given, written into ``out``."""
+    r, c, value = entries
+    bias = None if not shift else a_t.new_tensor(-shift)
+    for k, start in enumerate(range(0, a_t.shape[0], chunk)):
+        stop = min(start + chunk, a_t.shape[0])
+        rows = a_t[start:stop]
+        block = torch.mm(rows, b.T, out=out[: stop - start]) if bias is None else torch.addmm(bias, rows, b.T, out=out[: stop - start])
+        lo, hi = cuts[k], cuts[k + 1]
+        if hi > lo:
+            block.index_put_((r[lo:hi] - start, c[lo:hi]), value[lo:hi], accumulate=True)
+        yield start, stop, block
+
+
+def _common_shift(a: Tensor, b: Tensor, scale: Tensor, value: Tensor) -> float | None:
+    """One shift K for every block when all the base-2 logits x lie within h of it, h = 3/4 of the
+    dtype's exponent range below 1 (94.5 in float32): then exp2(x - K) neither overflows nor
+    leaves the normal numbers, and one exponential per entry serves both the rows and the
+    columns. |x| <= scale log2 e max|a_r| max|b_c| (Cauchy-Schwarz), moved by the finite deltas;
+    K is the middle of that interval (0 without deltas). None (the exact blocks, each line
+    shifted by its own maximum) otherwise: unit features at temperatures below about 0.015."""
+    bound = float((scale.abs() * LOG2E) * a.norm(dim=1).max() * b.norm(dim=1).max())
+    finite = value[torch.isfinite(value)]
+    high = bound + (max(0.0, float(finite.max())) if finite.numel() else 0.0)
+    low = -bound + (min(0.0, float(finite.min())) if finite.numel() else 0.0)
+    limit = -0.75 * math.log2(torch.finfo(a.dtype).tiny)
+    return (high + low) / 2 if (high - low) / 2 <= limit else None  # also None for NaN / inf
+
+
+def _sub_rows(n_columns: int) -> int:
+    """Rows of the small scratch that the elementwise steps walk a block with (about 2^18 entries)."""
+    return max(1, (1 << 18) // max(1, n_columns))
+
+
+class _PairLogSumExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, scale, r, c, value, cuts, want_rows, want_columns, chunk):
+        ctx.set_materialize_grads(False)
+        a_t = a * (scale * LOG2E)
+        shift = _common_shift(a, b, scale, value)
+        workspace = a.new_empty(min(chunk, a.shape[0]), b.shape[0])
+        blocks = _blocks(a_t, b, (r, c, value), cuts, chunk, shift, workspace)
+        if shift is None:
+            rows2, columns2 = _exact_lse(blocks, a.shape[0], b.shape[0], want_rows, want_columns, workspace)
+        else:
+            rows2, columns2 = _shifted_lse(blocks, a.new_zeros(a.shape[0]), a.new_zeros(b.shape[0]), want_rows, want_columns, shift)
+        # A single block (at most ``chunk`` rows) is kept for the backward instead of recomputed:
+        # exp2(x - K) on the common-shift path, x on the exact one. The backward overwrites it, so
+        # it is an attribute, released there (a second backward recomputes it).
+        ctx.kept = workspace if a.shape[0] <= chunk else None
+        ctx.save_for_backward(a, b, scale, a_t, r, c, value, rows2, columns2)
+        ctx.settings = (cuts, want_rows, want_columns, chunk, shift)
+        return rows2 * math.log(2.0), columns2 * math.log(2.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows, grad_columns):
+        a, b, scale, a_t, r, c, value, rows2, columns2 = ctx.saved_tensors
+        cuts, want_rows, want_columns, chunk, shift = ctx.settings
+        kept, ctx.kept = ctx.kept, None
+        grad_rows = grad_rows if want_rows else None
+        grad_columns = grad_columns if want_columns else None
+        need_a, need_b, need_scale = ctx.needs_input_grad[:3]
+        along_b = torch.zeros_like(a) if (need_a or need_scale) else None  # P @ b, P = d loss / d s
+        along_a = torch.zeros_like(b) if need_b else None  # P.T @ a
+        if grad_rows is not None or grad_columns is not None:
+            factors = None if shift is None else _softmax_factors(rows2, columns2, grad_rows, grad_columns, shift)
+            if kept is not None and (shift is None or factors is not None):
+                blocks = [(0, a.shape[0], kept)]  # exp2(x - K), or x (exact)
+            else:
+                workspace = a.new_empty(min(chunk, a.shape[0]), b.shape[0])
+                blocks = _blocks(a_t, b, (r, c, value), cuts, chunk, None if factors is None else shift, workspace)
+            exponentiated = kept is not None and factors is not None
+            scratch = a.new_empty(min(_sub_rows(b.shape[0]), a.shape[0]), b.shape[0])
+            # exact blocks: each softmax shifted by its own log-sum-exp (an empty line, -inf, gives 0)
+            row_shift, column_shift = (torch.where(x == -math.inf, math.inf, x) for x in (rows2, columns2))
+            for start, stop, block in blocks:
+                if factors is None:
+                    p = _exact_gradient(block, scratch, row_shift[start:stop], column_shift,
+                                        None if grad_rows is None else grad_rows[start:stop], grad_columns)
+                else:
+                    p = _shifted_gradient(block, scratch, factors, start, exponentiated)
+                if along_b is not None:
+                    torch.mm(p, b, out=along_b[start:stop])
+                if along_a is not None:
+                    along_a.addmm_(p.T, a[start:stop])
+        grad_a = along_b * scale if need_a else None
+        grad_b = along_a * scale if need_b else None
+        grad_scale = (a * along_b).sum() if need_scale else None
+        return grad_a, grad_b, grad_scale, None, None, None, None, None, None, None
+
+
+def _shifted_lse(blocks, row_sums: Tensor, column_sums: Tensor, want_rows: bool, want_columns: bool, shift: float):
+    """Base-2 row and column log-sum-exps from the blocks x - K: log2 sum exp2(x - K) + K, the
+    sums accumulated into the zero vectors given (an unrequested side is left at -inf); each
+    block is left holding exp2(x - K)."""
+    for start, stop, block in blocks:
+        block.exp2_()
+        if want_rows:
+            torch.sum(block, dim=1, out=row_sums[start:stop])
+        if want_columns:
+            column_sums.add_(block.sum(dim=0))
+    return row_sums.log2_().add_(shift), column_sums.log2_().add_(shift)
+
+
+def _exact_lse(blocks, n_rows: int, n_columns: int, want_rows: bool, want_columns: bool, like: Tensor):
+    """Base-2 row and column log-sum-exps, each line of a few rows shifted by its own maximum (any
+    logit range), the columns merged over them; the blocks are left as they were."""
+    rows = like.new_full((n_rows,), -math.inf)
+    columns = like.new_full((n_columns,), -math.inf)
+    scratch = like.new_empty(min(_sub_rows(n_columns), like.shape[0]), n_columns)
+    for start, stop, block in blocks:
+        for lo in range(0, stop - start, scratch.shape[0]):
+            part = block[lo: lo + scratch.shape[0]]
+            tmp = scratch[: part.shape[0]]
+            if want_rows:
+                rows[start + lo: start + lo + part.shape[0]] = _log2sumexp2(part, 1, tmp)
+            if want_columns:
+                columns = torch.logaddexp2(columns, _log2sumexp2(part, 0, tmp))
+    return rows, columns
 
 
 def _log2sumexp2(block: Tensor, dim: int, scratch: Tensor) -> Tensor:
@@ -196,73 +309,48 @@ def _log2sumexp2(block: Tensor, dim: int, scratch: Tensor) -> Tensor:
     return scratch.sum(dim=dim).log2_().add_(shift.squeeze(dim))
 
 
-def _softmax_shift(log2_sums: Tensor) -> Tensor:
-    """The base-2 log-sum-exps to subtract in the backward; an empty line (-inf) gives a zero softmax."""
-    return torch.where(log2_sums == -math.inf, math.inf, log2_sums)
+def _softmax_factors(rows2: Tensor, columns2: Tensor, grad_rows: Tensor | None, grad_columns: Tensor | None,
+                     shift: float) -> tuple[Tensor | None, Tensor | None] | None:
+    """(u, v) with d loss / d s_rc = exp2(x_rc - K) (u_r + v_c): u_r = grad_rows[r] exp2(K - rows2[r]),
+    v_c likewise (0 for an empty line); None (use the exact blocks) if one of them overflows."""
+    factors = []
+    for grad, lse in ((grad_rows, rows2), (grad_columns, columns2)):
+        factor = None if grad is None else torch.where(lse == -math.inf, 0.0, grad * torch.exp2(shift - lse))
+        if factor is not None and not bool(torch.isfinite(factor).all()):
+            return None
+        factors.append(factor)
+    return factors[0], factors[1]
 
 
-class _PairLogSumExp(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, scale, r, c, value, cuts, want_rows, want_columns, chunk):
-        ctx.set_materialize_grads(False)
-        n_rows, n_columns = a.shape[0], b.shape[0]
-        a_t = a * (scale * LOG2E)
-        rows2 = a.new_full((n_rows,), -math.inf)
-        columns2 = a.new_full((n_columns,), -math.inf)
-        step = min(chunk, n_rows)
-        workspace, scratch = a.new_empty(step, n_columns), a.new_empty(step, n_columns)
-        for k, start in enumerate(range(0, n_rows, chunk)):
-            stop = min(start + chunk, n_rows)
-            block = _pair_block(a_t, b, start, stop, (r, c, value), (cuts[k], cuts[k + 1]), workspace)
-            tmp = scratch[: stop - start]
-            if want_rows:
-                rows2[start:stop] = _log2sumexp2(block, 1, tmp)
-            if want_columns:
-                columns2 = torch.logaddexp2(columns2, _log2sumexp2(block, 0, tmp))
-        ctx.save_for_backward(a, b, scale, r, c, value, rows2, columns2)
-        ctx.settings = (cuts, want_rows, want_columns, chunk)
-        return rows2 * math.log(2.0), columns2 * math.log(2.0)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_rows, grad_columns):
-        a, b, scale, r, c, value, rows2, columns2 = ctx.saved_tensors
-        cuts, want_rows, want_columns, chunk = ctx.settings
-        use_rows = want_rows and grad_rows is not None
-        use_columns = want_columns and grad_columns is not None
-        need_a, need_b, need_scale = ctx.needs_input_grad[:3]
-        none = (None,) * 7
-        if not (use_rows or use_columns):
-            return (torch.zeros_like(a) if need_a else None, torch.zeros_like(b) if need_b else None,
-                    torch.zeros_like(scale) if need_scale else None, *none)
-        a_t = a * (scale * LOG2E)
-        row_shift, column_shift = _softmax_shift(rows2), _softmax_shift(columns2)
-        step = min(chunk, a.shape[0])
-        workspace, probs = a.new_empty(step, b.shape[0]), a.new_empty(step, b.shape[0])
-        along_b = torch.empty_like(a) if (need_a or need_scale) else None  # P @ b
-        along_a = torch.zeros_like(b) if need_b else None  # P.T @ a
-        for k, start in enumerate(range(0, a.shape[0], chunk)):
-            stop = min(start + chunk, a.shape[0])
-            block = _pair_block(a_t, b, start, stop, (r, c, value), (cuts[k], cuts[k + 1]), workspace)
-            p = _block_gradient(block, probs[: stop - start], row_shift[start:stop], column_shift,
-                                grad_rows[start:stop] if use_rows else None, grad_columns if use_columns else None)
-            if along_b is not None:
-                torch.mm(p, b, out=along_b[start:stop])
-            if along_a is not None:
-                along_a.addmm_(p.T, a[start:stop])
-        grad_a = along_b * scale if need_a else None
-        grad_b = along_a * scale if need_b else None
-        grad_scale = (a * along_b).sum() if need_scale else None
-        return grad_a, grad_b, grad_scale, *none
+def _shifted_gradient(block: Tensor, scratch: Tensor, factors, start: int, exponentiated: bool) -> Tensor:
+    """d loss / d s on a block of x - K (``exponentiated``: of exp2(x - K)), in place:
+    exp2(x - K) (u_r + v_c), the outer sum u + v formed a few rows at a time in ``scratch``."""
+    u, v = factors
+    if not exponentiated:
+        block.exp2_()
+    if u is None:
+        return block.mul_(v[None, :])
+    u = u[start: start + block.shape[0], None]
+    if v is None:
+        return block.mul_(u)
+    for lo in range(0, block.shape[0], scratch.shape[0]):
+        part = block[lo: lo + scratch.shape[0]]
+        part.mul_(torch.add(u[lo: lo + part.shape[0]], v[None, :], out=scratch[: part.shape[0]]))
+    return block
 
 
-def _block_gradient(block: Tensor, out: Tensor, row_shift: Tensor, column_shift: Tensor,
+def _exact_gradient(block: Tensor, scratch: Tensor, row_shift: Tensor, column_shift: Tensor,
                     grad_rows: Tensor | None, grad_columns: Tensor | None) -> Tensor:
-    """d loss / d s on a block: grad_rows[r] softmax_c(s)[r, c] + grad_columns[c] softmax_r(s)[r, c]
-    (base-2 ``block``, shifts the base-2 log-sum-exps); overwrites ``block``."""
+    """d loss / d s on a block of base-2 logits x, in place: grad_rows[r] softmax_c[r, c] +
+    grad_columns[c] softmax_r[r, c], softmax_c[r, c] = exp2(x_rc - row_shift[r]) (base-2
+    log-sum-exps), the row part formed a few rows at a time in ``scratch``."""
     if grad_rows is None:
         return block.sub_(column_shift[None, :]).exp2_().mul_(grad_columns[None, :])
-    torch.sub(block, row_shift[:, None], out=out).exp2_().mul_(grad_rows[:, None])
-    if grad_columns is not None:
-        out.addcmul_(block.sub_(column_shift[None, :]).exp2_(), grad_columns[None, :])
-    return out
+    if grad_columns is None:
+        return block.sub_(row_shift[:, None]).exp2_().mul_(grad_rows[:, None])
+    for lo in range(0, block.shape[0], scratch.shape[0]):
+        part = block[lo: lo + scratch.shape[0]]
+        n = part.shape[0]
+        row_part = torch.sub(part, row_shift[lo: lo + n, None], out=scratch[:n]).exp2_().mul_(grad_rows[lo: lo + n, None])
+        part.sub_(column_shift[None, :]).exp2_().mul_(grad_columns[None, :]).add_(row_part)
+    return block

@@ -20,13 +20,13 @@ BASE = ["optim.epochs=1", "optim.steps=10", "optim.max_steps=5", "data.batch_siz
         "model.embed_dim=16", "data.augment.vector_options={noise: 0.0, drop: 0.0}"]
 
 
-def train_case(overrides: list[str], resume: str | None = None) -> dict:
-    """Train ``configs/uci.yaml`` with BASE + ``overrides``; the final parameters, their last
-    gradients, the loss's state and the logged per-step losses."""
+def train_case(overrides: list[str], resume: str | None = None, config_name: str = "uci") -> dict:
+    """Train ``configs/uci.yaml`` with BASE + ``overrides`` (another config: ``overrides`` alone);
+    the final parameters, their last gradients, the loss's state and the logged per-step losses."""
     from plait.config import load_config
     from plait.train import Trainer
 
-    config = load_config("uci", [*BASE, *overrides])
+    config = load_config(config_name, [*BASE, *overrides] if config_name == "uci" else overrides)
     trainer = Trainer(config)
     if resume:
         trainer.resume(resume)
@@ -50,14 +50,14 @@ def _join(rank: int, world: int, port: int) -> None:
     assert distributed.init("cpu", timeout_s=120)
 
 
-def run_cases(rank: int, world: int, port: int, cases: list[tuple[str, list[str]]], out: str) -> None:
+def run_cases(rank: int, world: int, port: int, cases: list[tuple[str, list[str]]], out: str, config_name: str = "uci") -> None:
     """Every (name, overrides) case under this process group; OUT/NAME-rankR.pt each."""
     from plait import distributed
 
     _join(rank, world, port)
     try:
         for name, overrides in cases:
-            result = train_case([*overrides, f"output_dir={out}/{name}"])
+            result = train_case([*overrides, f"output_dir={out}/{name}"], config_name=config_name)
             torch.save(result, f"{out}/{name}-rank{rank}.pt")
     finally:
         distributed.teardown()

@@ -171,3 +171,22 @@ def test_fusion_model_trains_under_two_processes(tmp_path):
     assert ranks[1]["metrics"] == ranks[0]["metrics"] and "text_retrieval_recall@1" in ranks[0]["metrics"]
     lines = (tmp_path / "fusion" / "metrics.jsonl").read_text().splitlines()
     assert sum('"split"' not in line for line in lines) == 4  # rank 0 alone logs
+
+
+def test_batch_norm_tower_keeps_the_state_identical_on_every_rank(tmp_path):
+    """A cnn tower (BatchNorm: on the CPU each rank's running statistics come from its own rows) with
+    the exact estimator, which re-encodes the training set every step on every rank: the ranks take
+    rank 0's buffers first, so the per-sample state stays the same on both."""
+    overrides = ["data.options.image_size=16", "model.a={name: cnn, width: 4, out_dim: 16}", "model.b.out_dim=16",
+                 "model.embed_dim=16", "loss.options={estimator: exact}", "optim.max_steps=3", "data.batch_size=8",
+                 "data.augment={image: false, text: false}", "eval.tasks=[retrieval]", "eval.gallery=0", "train.device=cpu",
+                 "train.progress=false", "train.checkpoint_every_epochs=0", "train.staleness_every_epochs=0"]
+    mp.spawn(workers.run_cases, args=(2, _free_port(), [("cnn", overrides)], str(tmp_path), "emoji"), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"cnn-rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["step"] == 3
+    _same(ranks[1]["loss"], ranks[0]["loss"], "loss state")
+    # the parameters are the same; each rank's last forward moved its own running statistics (the
+    # next forward, or a refresh, would give it rank 0's again)
+    _same(ranks[1]["grads"], ranks[0]["grads"], "gradient")
+    _same({k: v for k, v in ranks[1]["model"].items() if "running" not in k and "num_batches" not in k},
+          {k: v for k, v in ranks[0]["model"].items() if "running" not in k and "num_batches" not in k}, "parameter")

@@ -190,3 +190,16 @@ def test_batch_norm_tower_keeps_the_state_identical_on_every_rank(tmp_path):
     _same(ranks[1]["grads"], ranks[0]["grads"], "gradient")
     _same({k: v for k, v in ranks[1]["model"].items() if "running" not in k and "num_batches" not in k},
           {k: v for k, v in ranks[0]["model"].items() if "running" not in k and "num_batches" not in k}, "parameter")
+
+
+def test_nproc_checks_the_run_directory_before_starting_workers(tmp_path, capsys):
+    """`plait train --nproc 2` into a directory holding another run: one line from the launcher,
+    no worker started."""
+    from plait.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    assert main(["train", "uci", f"output_dir={run}", "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("already holds a run") == 1 and "[rank" not in err

@@ -45,12 +45,15 @@ def _train(args: argparse.Namespace) -> int:
     from plait.evaluate.report import write_report
     from plait.train import train
 
-    if args.nproc is not None and not distributed.launched():
-        return _launch(args)
     resume, overrides = (args.resume if args.resume is not None else False), list(args.overrides)
     if isinstance(resume, str) and "=" in resume and not Path(resume).exists():  # `--resume key=value`: an override, not a path
         resume, overrides = True, [*overrides, resume]
     config = load_config(args.config, overrides)
+    if args.nproc is not None and not distributed.launched():
+        from plait.run_dir import check_run_dir
+
+        check_run_dir(config.output_dir, resume, args.overwrite)  # said once, before any worker starts
+        return _launch(args, overrides, resume)
     metrics = train(config, resume=resume, overwrite=args.overwrite, allow_import=args.allow_import)
     if distributed.launched_rank() != 0:  # rank 0 alone reports
         return 0
@@ -60,16 +63,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch(args: argparse.Namespace) -> int:
+def _launch(args: argparse.Namespace, overrides: list[str], resume: bool | str) -> int:
     """``plait train ... --nproc N``: torchrun's elastic agent on this machine runs N workers of the
     same command (without ``--nproc``); a worker's failure stops the others and is named here."""
     from plait import distributed
 
     if args.nproc < 1:
         raise ValueError(f"--nproc={args.nproc} must be a positive number of processes")
-    command = ["-m", "plait", "train", args.config, *args.overrides]
-    if args.resume is not None:
-        command += ["--resume"] + ([] if args.resume is True else [str(args.resume)])
+    command = ["-m", "plait", "train", args.config, *overrides]
+    if resume:
+        command += ["--resume"] + ([] if resume is True else [str(resume)])
     command += ["--overwrite"] * args.overwrite + ["--allow-import"] * args.allow_import
     failed = distributed.launch_local(args.nproc, sys.executable, command)
     if failed is None:

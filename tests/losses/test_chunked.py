@@ -61,30 +61,35 @@ def test_pair_logsumexp_matches_dense(kernel_path, rows, columns, dim, chunk, en
     a, b = _features(rows, columns, dim, seed=rows + chunk)
     scale = torch.tensor(1 / temperature, dtype=torch.float64, requires_grad=True)
     spec = _entries(entries, rows, columns, seed=dim)
-    got_rows, got_columns = pair_logsumexp(a, b, scale, spec, chunk_size=chunk)
+    g = torch.Generator().manual_seed(0)
+    picks = (torch.randint(rows, (5,), generator=g), torch.randint(columns, (5,), generator=g))
+    got = pair_logsumexp(a, b, scale, spec, chunk_size=chunk, picks=picks)
     logits = scale * a @ b.T
+    picked = logits[picks]
     if spec is not None:
         logits = logits.index_put(spec[:2], spec[2], accumulate=True)
-    want_rows, want_columns = torch.logsumexp(logits, 1), torch.logsumexp(logits, 0)
-    torch.testing.assert_close(got_rows, want_rows, **TOL)
-    torch.testing.assert_close(got_columns, want_columns, **TOL)
-    g = torch.Generator().manual_seed(0)
-    w_rows, w_columns = torch.randn(rows, generator=g, dtype=torch.float64), torch.randn(columns, generator=g, dtype=torch.float64)
-    got = _grads((got_rows * w_rows).sum() + (got_columns * w_columns).sum(), (a, b, scale))
-    want = _grads((want_rows * w_rows).sum() + (want_columns * w_columns).sum(), (a, b, scale))
+    want = torch.logsumexp(logits, 1), torch.logsumexp(logits, 0), picked
+    weights = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in want]
     for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, **TOL)
+    got_grads = _grads(sum((x * w).sum() for x, w in zip(got, weights)), (a, b, scale))
+    want_grads = _grads(sum((x * w).sum() for x, w in zip(want, weights)), (a, b, scale))
+    for x, y in zip(got_grads, want_grads):
         torch.testing.assert_close(x, y, **TOL)
 
 
-@pytest.mark.parametrize("rows,columns", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("rows,columns,picks", [(True, True, None), (True, False, "diagonal"), (False, True, "mixed"),
+                                                (False, False, "mixed")])
 @pytest.mark.parametrize("chunk", [1, 2, 5])
-def test_pair_logsumexp_gradcheck(kernel_path, rows, columns, chunk):
-    a, b = _features(5, 4, 3, seed=chunk)
+def test_pair_logsumexp_gradcheck(kernel_path, rows, columns, picks, chunk):
+    a, b = _features(5, 5 if picks == "diagonal" else 4, 3, seed=chunk)
     scale = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
     spec = (torch.tensor([0, 3, 1]), torch.tensor([0, 2, 3]), torch.tensor([-math.inf, 0.7, -1.2], dtype=torch.float64))
+    if picks == "mixed":
+        picks = (torch.tensor([4, 0, 0, 2]), torch.tensor([1, 0, 3, 1]))
 
     def f(x, y, s):
-        out = pair_logsumexp(x, y, s, spec, rows=rows, columns=columns, chunk_size=chunk)
+        out = pair_logsumexp(x, y, s, spec, rows=rows, columns=columns, chunk_size=chunk, picks=picks)
         return tuple(o for o in out if o is not None)
 
     assert torch.autograd.gradcheck(f, (a, b, scale))
@@ -95,8 +100,8 @@ def test_a_retained_graph_gives_the_same_gradient_twice(kernel_path, chunk):
     """The backward overwrites a single kept block; a second backward recomputes it."""
     a, b = _features(8, 8, 4, seed=7)
     scale = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
-    rows, columns = pair_logsumexp(a, b, scale, chunk_size=chunk)
-    value = (rows * torch.arange(8.0, dtype=torch.float64)).sum() + columns.sum()
+    rows, columns, picked = pair_logsumexp(a, b, scale, chunk_size=chunk, picks="diagonal")
+    value = (rows * torch.arange(8.0, dtype=torch.float64)).sum() + columns.sum() - 3 * picked.sum()
     first = torch.autograd.grad(value, (a, b, scale), retain_graph=True)
     second = torch.autograd.grad(value, (a, b, scale))
     for x, y in zip(first, second):

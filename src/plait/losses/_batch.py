@@ -37,11 +37,11 @@ class PairBatch:
     duplicate indices, ``negative_counts`` with duplicates) computes them on first use.
     """
 
-    def __init__(self, logits: Tensor | None, positive: Tensor, index: Tensor, mode: str, unique: Tensor,
+    def __init__(self, logits: Tensor | None, positive: Tensor | None, index: Tensor, mode: str, unique: Tensor,
                  inverse: Tensor, column_logits: Tensor | None = None,
                  features: tuple[Tensor, Tensor, Tensor] | None = None, chunk_size: int | None = None):
-        self._logits = logits
-        self.positive, self.index, self.mode, self.unique, self.inverse = positive, index, mode, unique, inverse
+        self._logits, self._positive = logits, positive
+        self.index, self.mode, self.unique, self.inverse = index, mode, unique, inverse
         self.column_logits = column_logits
         self.features = features
         self.chunk_size = chunk_size
@@ -57,18 +57,24 @@ class PairBatch:
                 "the batch holds a single distinct dataset index; a contrastive loss needs at "
                 "least two different items in a batch"
             )
-        logits = None if chunk_size is not None else _logits(a, b, scale, mode)
-        # The own pair's logit, from a row-wise product rather than the matrix's diagonal, so
-        # that its gradient costs O(B d) instead of a dense (B, B) pass.
-        diagonal = scale * (a * b).sum(dim=1)
-        positive = torch.stack([diagonal, diagonal])
-        return cls(logits, positive, index, mode, unique, inverse, features=(a, b, scale), chunk_size=chunk_size)
+        if chunk_size is not None:  # the positives come with the first log_partition
+            return cls(None, None, index, mode, unique, inverse, features=(a, b, scale), chunk_size=chunk_size)
+        logits = _logits(a, b, scale, mode)
+        return cls(logits, _positive(a, b, scale), index, mode, unique, inverse, features=(a, b, scale))
 
     @property
     def logits(self) -> Tensor:
         if self._logits is None:
             self._logits = _logits(*self.features, self.mode)
         return self._logits
+
+    @property
+    def positive(self) -> Tensor:
+        """(2, B) the logit of each anchor's own pair (a chunked batch: picked by its first
+        ``log_partition``'s kernel if that comes first)."""
+        if self._positive is None:
+            self._positive = _positive(*self.features)
+        return self._positive
 
     def with_logits(self, rows: Tensor, columns: Tensor | None = None) -> "PairBatch":
         """The same batch with other logits: direction 0 reads ``rows``; in bimodal mode
@@ -153,20 +159,26 @@ class PairBatch:
         a, b, scale = self.features
         batch = self.size
         counts = torch.bincount(self.inverse)[self.inverse].to(a.dtype)  # (B,) rows sharing each row's index
+        own = torch.arange(batch, device=a.device)
         if self.mode == "bimodal":
             base = log_nw - (batch - counts).log()
             r, c = _same_index_pairs(self.inverse)
             delta = (log_pw - counts[r].log() - base[r]) if log_pw > -math.inf else torch.full_like(base[r], -math.inf)
-            rows, columns = pair_logsumexp(a, b, scale, (r, c, delta), chunk_size=self.chunk_size)
-            return torch.stack([rows, columns]) + base
-        base = log_nw - (2 * batch - 2 * counts).log().repeat(2)
-        r, c = _same_index_pairs(self.inverse.repeat(2))
-        positive = (r < batch) != (c < batch)  # the other modality: a positive; the same: not a candidate
-        counts2 = counts.repeat(2)
-        delta = torch.where(positive, log_pw - counts2[r].log() - base[r], -math.inf)
-        views = torch.cat([a, b])
-        rows, _ = pair_logsumexp(views, views, scale, (r, c, delta), columns=False, chunk_size=self.chunk_size)
-        return (rows + base).reshape(2, batch)
+            rows, columns, picked = pair_logsumexp(a, b, scale, (r, c, delta), chunk_size=self.chunk_size,
+                                                   picks="diagonal" if self._positive is None else None)
+            value = torch.stack([rows, columns]) + base
+        else:
+            base = log_nw - (2 * batch - 2 * counts).log().repeat(2)
+            r, c = _same_index_pairs(self.inverse.repeat(2))
+            positive = (r < batch) != (c < batch)  # the other modality: a positive; the same: not a candidate
+            delta = torch.where(positive, log_pw - counts.repeat(2)[r].log() - base[r], -math.inf)
+            views = torch.cat([a, b])
+            rows, _, picked = pair_logsumexp(views, views, scale, (r, c, delta), columns=False, chunk_size=self.chunk_size,
+                                             picks=(own, own + batch) if self._positive is None else None)
+            value = (rows + base).reshape(2, batch)
+        if picked is not None:
+            self._positive = torch.stack([picked, picked])
+        return value
 
     def _masks(self) -> tuple[Tensor, Tensor, Tensor]:
         """Logits arranged with one anchor per row, and its positive and negative masks.
@@ -193,6 +205,13 @@ def _logits(a: Tensor, b: Tensor, scale: Tensor, mode: str) -> Tensor:
         return (scale * a) @ b.T
     views = torch.cat([a, b])
     return (scale * views) @ views.T
+
+
+def _positive(a: Tensor, b: Tensor, scale: Tensor) -> Tensor:
+    """(2, B) the pairs' logits scale <a_i, b_i>, from a row-wise product rather than the matrix's
+    diagonal, so that their gradient costs O(B d) instead of a dense (B, B) pass."""
+    diagonal = scale * (a * b).sum(dim=1)
+    return torch.stack([diagonal, diagonal])
 
 
 def _same_index_pairs(inverse: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,6 +17,7 @@ per-sample losses at large batch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -135,8 +136,8 @@ class _WeightedLogSumExp(torch.autograd.Function):
 # From the features: the logit matrix s = scale * a @ b.T is never materialised.
 
 LOG2E = 1.0 / math.log(2.0)
-CHUNK_ROWS = 256  # default rows per block (measured: benchmarks/loss_speed.py --chunk-sweep)
-DENSE_ROWS = 128  # logit matrices of at most this many rows: plain autograd ops are faster
+CHUNK_ROWS = 1024  # default rows per block (measured: benchmarks/loss_speed.py --chunk-sizes)
+DENSE_ROWS = 256  # logit matrices of at most this many rows: plain autograd ops are as fast or faster
 
 
 def use_chunks(n_rows: int, chunk_size: int | None) -> bool:
@@ -154,54 +155,90 @@ def check_chunk_size(chunk_size: int | None) -> int | None:
 def pair_logsumexp(
     a: Tensor, b: Tensor, scale: Tensor, entries: tuple[Tensor, Tensor, Tensor] | None = None,
     rows: bool = True, columns: bool = True, chunk_size: int = CHUNK_ROWS,
-) -> tuple[Tensor | None, Tensor | None]:
+    picks: tuple[Tensor, Tensor] | str | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Row and column log-sum-exps of s = scale * a @ b.T + delta, ``chunk_size`` rows at a time::
 
         rows[r] = log sum_c exp(s_rc)  (R,)        columns[c] = log sum_r exp(s_rc)  (C,)
 
     a (R, d), b (C, d) of one floating dtype, ``scale`` a scalar tensor of it; delta is 0 except at
-    ``entries`` = (r, c, value), three (E,) tensors (value -inf removes the entry). The (R, C)
-    matrix is never formed: memory O(chunk_size * C + (R + C) d). The forward keeps the row
-    results and a running merge of the columns' block results; the backward recomputes each block
-    and accumulates d/da, d/db and d/dscale. Differentiable in a, b and scale (the entries are
-    constants); an unrequested side is returned as None. The block is computed in base 2
-    (exp2 of the logits times log2 e), the faster exponential on CPU.
+    ``entries`` = (r, c, value), three (E,) tensors (value -inf removes the entry). ``picks`` =
+    (r, c), two (P,) tensors, or "diagonal" (r = c = 0..R-1): also return picked[k] =
+    scale <a_r[k], b_c[k]> (P,), the deltas not added, its gradient folded into the blocks'.
+    Returns (rows, columns, picked), None for what was not asked.
+
+    The (R, C) matrix is never formed: memory O(chunk_size * C + (R + C) d). The forward keeps
+    the row results and the columns' sums (or a running merge of their log-sum-exps); the
+    backward recomputes each block (a single block, R <= chunk_size, is kept instead) and
+    accumulates d/da, d/db and d/dscale. Differentiable in a, b and scale (the entries and picks
+    are constants). The blocks are computed in base 2 (exp2 of the logits times log2 e, the
+    faster exponential on CPU) and, where the logits' range allows, with one common shift, so
+    that one exponential per entry serves both the rows and the columns (``_common_shift``).
     """
     if check_chunk_size(chunk_size) is None:
         raise ValueError("chunk_size must be a positive integer, got None")
-    if entries is None:
-        entries = (a.new_empty(0, dtype=torch.long), a.new_empty(0, dtype=torch.long), a.new_empty(0))
-    order = torch.argsort(entries[0], stable=True)
-    r, c, value = entries[0][order], entries[1][order], entries[2][order].to(a.dtype) * LOG2E
-    starts = torch.arange(0, a.shape[0] + chunk_size, chunk_size, device=r.device)
-    cuts = torch.searchsorted(r, starts).tolist()
-    out_rows, out_columns = _PairLogSumExp.apply(a, b, scale.reshape(()), r, c, value, cuts, rows, columns, chunk_size)
-    return (out_rows if rows else None), (out_columns if columns else None)
+    no_index = a.new_empty(0, dtype=torch.long)
+    r, c, value = entries if entries is not None else (no_index, no_index, a.new_empty(0))
+    diagonal = isinstance(picks, str)
+    if diagonal and (picks != "diagonal" or a.shape[0] != b.shape[0]):
+        raise ValueError(f"picks must be (rows, columns) or 'diagonal' (with as many rows as columns), got {picks!r}")
+    pick_r, pick_c = (torch.arange(a.shape[0], device=a.device),) * 2 if diagonal else (picks or (no_index, no_index))
+    layout = _Layout(chunk_size, rows, columns, picks is not None, diagonal,
+                     *_by_row(r, c, value.to(a.dtype) * LOG2E, a.shape[0], chunk_size),
+                     *_by_row(pick_r, pick_c, torch.arange(pick_r.numel(), device=a.device), a.shape[0], chunk_size),
+                     pick_r, pick_c)
+    out = _PairLogSumExp.apply(a, b, scale.reshape(()), layout)
+    return tuple(x if wanted else None for x, wanted in zip(out, (rows, columns, picks is not None)))
 
 
-def _blocks(a_t: Tensor, b: Tensor, entries, cuts: list[int], chunk: int, shift: float | None, out: Tensor):
-    """Yield (start, stop, block): rows [start, stop) of the base-2 logits a_t @ b.T + delta log2 e
-    (a_t = a * scale * log2 e), minus ``shift`` if given, written into ``out``."""
-    r, c, value = entries
-    bias = None if not shift else a_t.new_tensor(-shift)
-    for k, start in enumerate(range(0, a_t.shape[0], chunk)):
-        stop = min(start + chunk, a_t.shape[0])
-        rows = a_t[start:stop]
-        block = torch.mm(rows, b.T, out=out[: stop - start]) if bias is None else torch.addmm(bias, rows, b.T, out=out[: stop - start])
-        lo, hi = cuts[k], cuts[k + 1]
+@dataclass
+class _Layout:
+    """What pair_logsumexp computes, and where its entries fall: each (r, c, extra) triple sorted
+    by row, ``cuts`` its start in every row block (and the end)."""
+
+    chunk: int
+    rows: bool
+    columns: bool
+    picked: bool
+    diagonal: bool
+    entries: tuple[Tensor, Tensor, Tensor]  # base-2 deltas
+    entry_cuts: list[int]
+    picks: tuple[Tensor, Tensor, Tensor]  # (r, c, position in the caller's order)
+    pick_cuts: list[int]
+    pick_r: Tensor  # the caller's order
+    pick_c: Tensor
+
+
+def _by_row(r: Tensor, c: Tensor, extra: Tensor, n_rows: int, chunk: int) -> tuple[tuple[Tensor, Tensor, Tensor], list[int]]:
+    order = torch.argsort(r, stable=True)
+    r, c, extra = r[order], c[order], extra[order]
+    starts = torch.arange(0, n_rows + chunk, chunk, device=r.device)
+    return (r, c, extra), torch.searchsorted(r, starts).tolist()
+
+
+def _blocks(a: Tensor, b: Tensor, alpha: float, layout: "_Layout", shift: float | None, out: Tensor):
+    """Yield (k, start, stop, block): rows [start, stop) of the base-2 logits x = alpha a @ b.T +
+    delta log2 e (alpha = scale log2 e), minus ``shift`` if given, written into ``out``."""
+    r, c, value = layout.entries
+    bias = a.new_tensor(-shift if shift else 0.0)
+    for k, start in enumerate(range(0, a.shape[0], layout.chunk)):
+        stop = min(start + layout.chunk, a.shape[0])
+        block = out[: stop - start]
+        torch.addmm(bias, a[start:stop], b.T, beta=1 if shift else 0, alpha=alpha, out=block)
+        lo, hi = layout.entry_cuts[k], layout.entry_cuts[k + 1]
         if hi > lo:
             block.index_put_((r[lo:hi] - start, c[lo:hi]), value[lo:hi], accumulate=True)
-        yield start, stop, block
+        yield k, start, stop, block
 
 
-def _common_shift(a: Tensor, b: Tensor, scale: Tensor, value: Tensor) -> float | None:
+def _common_shift(a: Tensor, b: Tensor, alpha: float, value: Tensor) -> float | None:
     """One shift K for every block when all the base-2 logits x lie within h of it, h = 3/4 of the
     dtype's exponent range below 1 (94.5 in float32): then exp2(x - K) neither overflows nor
     leaves the normal numbers, and one exponential per entry serves both the rows and the
-    columns. |x| <= scale log2 e max|a_r| max|b_c| (Cauchy-Schwarz), moved by the finite deltas;
+    columns. |x| <= alpha max|a_r| max|b_c| (Cauchy-Schwarz), moved by the finite deltas;
     K is the middle of that interval (0 without deltas). None (the exact blocks, each line
     shifted by its own maximum) otherwise: unit features at temperatures below about 0.015."""
-    bound = float((scale.abs() * LOG2E) * a.norm(dim=1).max() * b.norm(dim=1).max())
+    bound = abs(alpha) * float(a.norm(dim=1).max() * b.norm(dim=1).max())
     finite = value[torch.isfinite(value)]
     high = bound + (max(0.0, float(finite.max())) if finite.numel() else 0.0)
     low = -bound + (min(0.0, float(finite.min())) if finite.numel() else 0.0)
@@ -209,95 +246,118 @@ def _common_shift(a: Tensor, b: Tensor, scale: Tensor, value: Tensor) -> float |
     return (high + low) / 2 if (high - low) / 2 <= limit else None  # also None for NaN / inf
 
 
-def _sub_rows(n_columns: int) -> int:
-    """Rows of the small scratch that the elementwise steps walk a block with (about 2^18 entries)."""
-    return max(1, (1 << 18) // max(1, n_columns))
+def _sub_rows(n_rows: int, n_columns: int) -> int:
+    """Rows of the scratch that the elementwise steps walk an (n_rows, n_columns) matrix with:
+    128 sqrt(n_rows n_columns) entries within [2^14, 2^20], balancing the steps' count against
+    the cost of touching a fresh buffer (small ones are reused by the allocator)."""
+    entries = min(1 << 20, max(1 << 14, int(128 * math.sqrt(n_rows * n_columns))))
+    return max(1, entries // max(1, n_columns))
 
 
 class _PairLogSumExp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, scale, r, c, value, cuts, want_rows, want_columns, chunk):
+    def forward(ctx, a, b, scale, layout):
         ctx.set_materialize_grads(False)
-        a_t = a * (scale * LOG2E)
-        shift = _common_shift(a, b, scale, value)
-        workspace = a.new_empty(min(chunk, a.shape[0]), b.shape[0])
-        blocks = _blocks(a_t, b, (r, c, value), cuts, chunk, shift, workspace)
+        alpha = float(scale) * LOG2E
+        shift = _common_shift(a, b, alpha, layout.entries[2])
+        workspace = a.new_empty(min(layout.chunk, a.shape[0]), b.shape[0])
+        blocks = _blocks(a, b, alpha, layout, shift, workspace)
         if shift is None:
-            rows2, columns2 = _exact_lse(blocks, a.shape[0], b.shape[0], want_rows, want_columns, workspace)
+            rows2, columns2 = _exact_lse(blocks, a.shape[0], b.shape[0], layout, workspace)
         else:
-            rows2, columns2 = _shifted_lse(blocks, a.new_zeros(a.shape[0]), a.new_zeros(b.shape[0]), want_rows, want_columns, shift)
+            rows2, columns2 = _shifted_lse(blocks, a.new_zeros(a.shape[0]), a.new_zeros(b.shape[0]), layout, shift)
+        picked = _picked(a, b, scale, layout)
         # A single block (at most ``chunk`` rows) is kept for the backward instead of recomputed:
         # exp2(x - K) on the common-shift path, x on the exact one. The backward overwrites it, so
         # it is an attribute, released there (a second backward recomputes it).
-        ctx.kept = workspace if a.shape[0] <= chunk else None
-        ctx.save_for_backward(a, b, scale, a_t, r, c, value, rows2, columns2)
-        ctx.settings = (cuts, want_rows, want_columns, chunk, shift)
-        return rows2 * math.log(2.0), columns2 * math.log(2.0)
+        ctx.kept = workspace if a.shape[0] <= layout.chunk else None
+        ctx.save_for_backward(a, b, scale, rows2, columns2)
+        ctx.settings = (layout, shift, alpha)
+        return rows2 * math.log(2.0), columns2 * math.log(2.0), picked
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_rows, grad_columns):
-        a, b, scale, a_t, r, c, value, rows2, columns2 = ctx.saved_tensors
-        cuts, want_rows, want_columns, chunk, shift = ctx.settings
+    def backward(ctx, grad_rows, grad_columns, grad_picked):
+        a, b, scale, rows2, columns2 = ctx.saved_tensors
+        layout, shift, alpha = ctx.settings
         kept, ctx.kept = ctx.kept, None
-        grad_rows = grad_rows if want_rows else None
-        grad_columns = grad_columns if want_columns else None
+        grad_rows = grad_rows if layout.rows else None
+        grad_columns = grad_columns if layout.columns else None
+        grad_picked = grad_picked if layout.picked else None
         need_a, need_b, need_scale = ctx.needs_input_grad[:3]
-        along_b = torch.zeros_like(a) if (need_a or need_scale) else None  # P @ b, P = d loss / d s
+        if grad_rows is None and grad_columns is None and grad_picked is None:
+            return (torch.zeros_like(a) if need_a else None, torch.zeros_like(b) if need_b else None,
+                    torch.zeros_like(scale) if need_scale else None, None)
+        along_b = torch.empty_like(a) if (need_a or need_scale) else None  # P @ b, P = d loss / d s
         along_a = torch.zeros_like(b) if need_b else None  # P.T @ a
-        if grad_rows is not None or grad_columns is not None:
-            factors = None if shift is None else _softmax_factors(rows2, columns2, grad_rows, grad_columns, shift)
-            if kept is not None and (shift is None or factors is not None):
-                blocks = [(0, a.shape[0], kept)]  # exp2(x - K), or x (exact)
+        use_lse = grad_rows is not None or grad_columns is not None
+        factors = None if shift is None or not use_lse else _softmax_factors(rows2, columns2, grad_rows, grad_columns, shift)
+        exact = use_lse and factors is None
+        if kept is not None and (shift is None or factors is not None or not use_lse):
+            blocks = [(0, 0, a.shape[0], kept)]  # exp2(x - K), or x (exact)
+            exponentiated = shift is not None
+        else:
+            workspace = a.new_empty(min(layout.chunk, a.shape[0]), b.shape[0])
+            blocks = _blocks(a, b, alpha, layout, None if exact else shift, workspace)
+            exponentiated = False
+        # exact blocks: each softmax shifted by its own log-sum-exp (an empty line, -inf, gives 0)
+        row_shift, column_shift = (torch.where(x == -math.inf, math.inf, x) for x in (rows2, columns2))
+        pick_r, pick_c, pick_order = layout.picks
+        picked_grads = None if grad_picked is None else grad_picked[pick_order]
+        for k, start, stop, block in blocks:
+            if not use_lse:
+                p = block.zero_()
+            elif exact:
+                p = _exact_gradient(block, row_shift[start:stop], column_shift,
+                                    None if grad_rows is None else grad_rows[start:stop], grad_columns, a.shape[0])
             else:
-                workspace = a.new_empty(min(chunk, a.shape[0]), b.shape[0])
-                blocks = _blocks(a_t, b, (r, c, value), cuts, chunk, None if factors is None else shift, workspace)
-            exponentiated = kept is not None and factors is not None
-            scratch = a.new_empty(min(_sub_rows(b.shape[0]), a.shape[0]), b.shape[0])
-            # exact blocks: each softmax shifted by its own log-sum-exp (an empty line, -inf, gives 0)
-            row_shift, column_shift = (torch.where(x == -math.inf, math.inf, x) for x in (rows2, columns2))
-            for start, stop, block in blocks:
-                if factors is None:
-                    p = _exact_gradient(block, scratch, row_shift[start:stop], column_shift,
-                                        None if grad_rows is None else grad_rows[start:stop], grad_columns)
-                else:
-                    p = _shifted_gradient(block, scratch, factors, start, exponentiated)
-                if along_b is not None:
-                    torch.mm(p, b, out=along_b[start:stop])
-                if along_a is not None:
-                    along_a.addmm_(p.T, a[start:stop])
-        grad_a = along_b * scale if need_a else None
-        grad_b = along_a * scale if need_b else None
-        grad_scale = (a * along_b).sum() if need_scale else None
-        return grad_a, grad_b, grad_scale, None, None, None, None, None, None, None
+                p = _shifted_gradient(block, factors, start, exponentiated, a.shape[0])
+            lo, hi = layout.pick_cuts[k], layout.pick_cuts[k + 1]
+            if picked_grads is not None and hi > lo:  # d s_rc / d s_rc = 1 at the picks
+                p.index_put_((pick_r[lo:hi] - start, pick_c[lo:hi]), picked_grads[lo:hi], accumulate=True)
+            if along_b is not None:
+                torch.mm(p, b, out=along_b[start:stop])
+            if along_a is not None:
+                along_a.addmm_(p.T, a[start:stop])
+        grad_scale = torch.dot(a.reshape(-1), along_b.reshape(-1)).reshape(scale.shape) if need_scale else None
+        grad_a = along_b.mul_(scale) if need_a else None
+        grad_b = along_a.mul_(scale) if need_b else None
+        return grad_a, grad_b, grad_scale, None
 
 
-def _shifted_lse(blocks, row_sums: Tensor, column_sums: Tensor, want_rows: bool, want_columns: bool, shift: float):
+def _picked(a: Tensor, b: Tensor, scale: Tensor, layout: _Layout) -> Tensor:
+    """scale <a_r, b_c> at the picks (P,), in the caller's order; empty if none were asked."""
+    if layout.diagonal:
+        return torch.linalg.vecdot(a, b) * scale
+    return torch.linalg.vecdot(a[layout.pick_r], b[layout.pick_c]) * scale
+
+
+def _shifted_lse(blocks, row_sums: Tensor, column_sums: Tensor, layout: _Layout, shift: float):
     """Base-2 row and column log-sum-exps from the blocks x - K: log2 sum exp2(x - K) + K, the
     sums accumulated into the zero vectors given (an unrequested side is left at -inf); each
     block is left holding exp2(x - K)."""
-    for start, stop, block in blocks:
+    for _, start, stop, block in blocks:
         block.exp2_()
-        if want_rows:
+        if layout.rows:
             torch.sum(block, dim=1, out=row_sums[start:stop])
-        if want_columns:
+        if layout.columns:
             column_sums.add_(block.sum(dim=0))
     return row_sums.log2_().add_(shift), column_sums.log2_().add_(shift)
 
 
-def _exact_lse(blocks, n_rows: int, n_columns: int, want_rows: bool, want_columns: bool, like: Tensor):
+def _exact_lse(blocks, n_rows: int, n_columns: int, layout: _Layout, like: Tensor):
     """Base-2 row and column log-sum-exps, each line of a few rows shifted by its own maximum (any
     logit range), the columns merged over them; the blocks are left as they were."""
     rows = like.new_full((n_rows,), -math.inf)
     columns = like.new_full((n_columns,), -math.inf)
-    scratch = like.new_empty(min(_sub_rows(n_columns), like.shape[0]), n_columns)
-    for start, stop, block in blocks:
+    scratch = like.new_empty(min(_sub_rows(n_rows, n_columns), like.shape[0]), n_columns)
+    for _, start, stop, block in blocks:
         for lo in range(0, stop - start, scratch.shape[0]):
             part = block[lo: lo + scratch.shape[0]]
             tmp = scratch[: part.shape[0]]
-            if want_rows:
+            if layout.rows:
                 rows[start + lo: start + lo + part.shape[0]] = _log2sumexp2(part, 1, tmp)
-            if want_columns:
+            if layout.columns:
                 columns = torch.logaddexp2(columns, _log2sumexp2(part, 0, tmp))
     return rows, columns
 
@@ -322,9 +382,9 @@ def _softmax_factors(rows2: Tensor, columns2: Tensor, grad_rows: Tensor | None, 
     return factors[0], factors[1]
 
 
-def _shifted_gradient(block: Tensor, scratch: Tensor, factors, start: int, exponentiated: bool) -> Tensor:
+def _shifted_gradient(block: Tensor, factors, start: int, exponentiated: bool, n_rows: int) -> Tensor:
     """d loss / d s on a block of x - K (``exponentiated``: of exp2(x - K)), in place:
-    exp2(x - K) (u_r + v_c), the outer sum u + v formed a few rows at a time in ``scratch``."""
+    exp2(x - K) (u_r + v_c), the outer sum u + v formed a few rows at a time."""
     u, v = factors
     if not exponentiated:
         block.exp2_()
@@ -333,23 +393,27 @@ def _shifted_gradient(block: Tensor, scratch: Tensor, factors, start: int, expon
     u = u[start: start + block.shape[0], None]
     if v is None:
         return block.mul_(u)
-    for lo in range(0, block.shape[0], scratch.shape[0]):
-        part = block[lo: lo + scratch.shape[0]]
+    step = _sub_rows(n_rows, block.shape[1])
+    scratch = block.new_empty(min(step, block.shape[0]), block.shape[1])
+    for lo in range(0, block.shape[0], step):
+        part = block[lo: lo + step]
         part.mul_(torch.add(u[lo: lo + part.shape[0]], v[None, :], out=scratch[: part.shape[0]]))
     return block
 
 
-def _exact_gradient(block: Tensor, scratch: Tensor, row_shift: Tensor, column_shift: Tensor,
-                    grad_rows: Tensor | None, grad_columns: Tensor | None) -> Tensor:
+def _exact_gradient(block: Tensor, row_shift: Tensor, column_shift: Tensor,
+                    grad_rows: Tensor | None, grad_columns: Tensor | None, n_rows: int) -> Tensor:
     """d loss / d s on a block of base-2 logits x, in place: grad_rows[r] softmax_c[r, c] +
     grad_columns[c] softmax_r[r, c], softmax_c[r, c] = exp2(x_rc - row_shift[r]) (base-2
-    log-sum-exps), the row part formed a few rows at a time in ``scratch``."""
+    log-sum-exps), the row part formed a few rows at a time."""
     if grad_rows is None:
         return block.sub_(column_shift[None, :]).exp2_().mul_(grad_columns[None, :])
     if grad_columns is None:
         return block.sub_(row_shift[:, None]).exp2_().mul_(grad_rows[:, None])
-    for lo in range(0, block.shape[0], scratch.shape[0]):
-        part = block[lo: lo + scratch.shape[0]]
+    step = _sub_rows(n_rows, block.shape[1])
+    scratch = block.new_empty(min(step, block.shape[0]), block.shape[1])
+    for lo in range(0, block.shape[0], step):
+        part = block[lo: lo + step]
         n = part.shape[0]
         row_part = torch.sub(part, row_shift[lo: lo + n, None], out=scratch[:n]).exp2_().mul_(grad_rows[lo: lo + n, None])
         part.sub_(column_shift[None, :]).exp2_().mul_(grad_columns[None, :]).add_(row_part)

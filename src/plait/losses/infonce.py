@@ -33,9 +33,10 @@ class InfoNCELoss(nn.Module):
     ``chunk_size``: the log-sum-exps are computed from the features ``chunk_size`` rows of s at a
     time (``plait.losses._logsumexp.pair_logsumexp``): memory O(B * chunk_size) instead of the
     (B, B) matrix (unimodal: (2B, 2B)), the same value and gradient up to float rounding, and on
-    CPU faster than the dense formula (benchmarks/loss_speed.py). Matrices of at most
-    ``DENSE_ROWS`` = 128 rows, where plain autograd ops are faster, and ``chunk_size=None`` use
-    the dense formula (cross-entropy over the materialised s).
+    CPU faster than the dense formula past a few hundred rows (benchmarks/loss_speed.py).
+    Matrices of at most 256 rows (``DENSE_ROWS``; B <= 256 bimodal, B <= 128 unimodal), where
+    plain autograd ops are as fast or faster, and ``chunk_size=None`` use the dense formula
+    (cross-entropy over the materialised s).
 
     Shapes: ``features_a``, ``features_b`` (B, d); returns a scalar.
     """
@@ -94,13 +95,14 @@ def _dense(a: Tensor, b: Tensor, scale: Tensor, mode: str) -> Tensor:
 def _chunked(a: Tensor, b: Tensor, scale: Tensor, mode: str, chunk_size: int) -> Tensor:
     """InfoNCE from the row (and column) log-sum-exps of s, computed block by block:
     L = mean_r (log sum_c exp(s_rc) - s_r,positive), over both directions (bimodal) or the 2B
-    views with s_pp removed (unimodal)."""
-    positive = scale * (a * b).sum(dim=1)  # s_ii, (B,)
+    views with s_pp removed (unimodal); the positives' logits are picked by the same kernel."""
     if mode == "bimodal":
-        rows, columns = pair_logsumexp(a, b, scale, chunk_size=chunk_size)
+        rows, columns, positive = pair_logsumexp(a, b, scale, chunk_size=chunk_size, picks="diagonal")
         return ((rows - positive).mean() + (columns - positive).mean()) / 2
     views = torch.cat([a, b])
-    self_pairs = torch.arange(views.shape[0], device=a.device)
-    removed = (self_pairs, self_pairs, views.new_full((views.shape[0],), -math.inf))
-    rows, _ = pair_logsumexp(views, views, scale, removed, columns=False, chunk_size=chunk_size)
-    return (rows - positive.repeat(2)).mean()
+    every = torch.arange(views.shape[0], device=a.device)
+    removed = (every, every, views.new_full((views.shape[0],), -math.inf))
+    partner = every.roll(a.shape[0])
+    rows, _, positive = pair_logsumexp(views, views, scale, removed, columns=False, chunk_size=chunk_size,
+                                       picks=(every, partner))
+    return (rows - positive).mean()

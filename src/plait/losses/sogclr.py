@@ -41,8 +41,9 @@ class SogCLRLoss(PerSampleState):
     ``chunk_size``: gbatch is computed from the features ``chunk_size`` rows of s at a time
     (``plait.losses._logsumexp.pair_logsumexp``), never forming the (B, B) (unimodal: (2B, 2B))
     matrix: memory O(B * chunk_size), the same value and gradient up to float rounding, and on CPU
-    faster than the dense computation. Matrices of at most 128 rows (``DENSE_ROWS``), where plain
-    autograd ops are faster, and ``chunk_size=None`` use the dense logits.
+    faster than the dense computation past a few hundred rows. Matrices of at most 256 rows
+    (``DENSE_ROWS``; B <= 256 bimodal, B <= 128 unimodal), where plain autograd ops are as fast
+    or faster, and ``chunk_size=None`` use the dense logits.
 
     Shapes: ``features_a``, ``features_b`` (B, d); ``index`` (B,); returns a scalar.
     """

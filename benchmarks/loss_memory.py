@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from loss_speed import DATASET_SIZE, _reset_peak, _status
 from plait.losses import GammaContrastiveLoss, InfoNCELoss, SogCLRLoss
+from plait.losses._logsumexp import pair_logsumexp
 
 TEMPERATURE = 0.07
 
@@ -78,6 +79,18 @@ def dense_gamma(a, b, index):
     return (log_z - positive).mean()
 
 
+def chunked_gamma_formula(a, b, index):
+    """dense_gamma's value through pair_logsumexp (diagonal log-weight -log N, the others
+    log((N-1)/N) - log(B-1)): what the gamma loss's batch estimate costs chunked."""
+    a, b = _normalized(a, b)
+    n, batch = DATASET_SIZE, a.shape[0]
+    log_negative = math.log((n - 1) / n) - math.log(batch - 1)
+    own = torch.arange(batch)
+    entries = (own, own, torch.full((batch,), -math.log(n) - log_negative))
+    rows, columns, positive = pair_logsumexp(a, b, torch.tensor(1 / TEMPERATURE), entries, picks="diagonal")
+    return (torch.stack([rows, columns]) + log_negative - positive).mean()
+
+
 def _plait(name: str):
     """A fresh plait loss (stateful ones: every call a first visit), as callable(a, b, index)."""
     if name == "InfoNCE":
@@ -91,12 +104,22 @@ def _plait(name: str):
 
 
 DENSE = {"InfoNCE": dense_infonce, "SogCLR": dense_sogclr, "gamma (ema)": dense_gamma}
-VARIANTS = {"chunked": lambda name: _plait(name), "unchunked": lambda name: DENSE[name]}
-LABELS = {
-    "InfoNCE": ("plait InfoNCE (chunked)", "open_clip-style cross-entropy (dense)"),
-    "SogCLR": ("plait SogCLR (chunked)", "dense log-sum-exp formula"),
-    "gamma (ema)": ("plait gamma, ema (logits formed, blockwise log-sum-exp)", "dense log-sum-exp formula"),
+# loss -> [(variant, label)], the unchunked formula last
+VARIANTS = {
+    "InfoNCE": [("plait", "plait InfoNCE (chunked)"), ("dense", "open_clip-style cross-entropy (dense)")],
+    "SogCLR": [("plait", "plait SogCLR (chunked)"), ("dense", "dense log-sum-exp formula")],
+    "gamma (ema)": [
+        ("plait", "plait gamma, ema (not chunked: the (B, B) logits are formed)"),
+        ("formula", "its first-visit formula through pair_logsumexp (chunked; not wired into the loss)"),
+        ("dense", "dense log-sum-exp formula"),
+    ],
 }
+
+
+def _make(name: str, variant: str):
+    if variant == "plait":
+        return _plait(name)
+    return DENSE[name] if variant == "dense" else chunked_gamma_formula
 
 
 def _inputs(batch: int, dim: int):
@@ -117,7 +140,7 @@ def _child(args) -> None:
     """Run one variant: ``--measure peak`` (value and gradients saved to ``--out``) or ``time``."""
     name, variant = args.loss, args.variant
     a, b, index = _inputs(args.batch, args.dim)
-    make = lambda: VARIANTS[variant](name)  # noqa: E731
+    make = lambda: _make(name, variant)  # noqa: E731
     _step(make, a, b, index)  # warm-up
     a.grad = b.grad = None
     gc.collect()
@@ -148,7 +171,8 @@ def _run(args, name: str, variant: str, measure: str, out: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _max_difference(paths: list[str]) -> tuple[float, float]:
+def _max_difference(paths: list[str]) -> tuple[float, float, float]:
+    """|value - value'|, max |gradient - gradient'| over a and b, and max |gradient'| (the second: the reference)."""
     first, second = (torch.load(path) for path in paths)
     value = (first["value"] - second["value"]).abs().item()
     grad = max((first[k] - second[k]).abs().max().item() for k in ("grad_a", "grad_b"))
@@ -178,16 +202,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for name in args.losses:
             rows = {}
-            paths = [os.path.join(folder, f"{variant}.pt") for variant in VARIANTS]
-            for variant, path in zip(VARIANTS, paths):
-                peak = _run(args, name, variant, "peak", path)["peak"]
-                seconds = _run(args, name, variant, "time", path)["seconds"]
-                rows[variant] = (peak, seconds)
-            value, grad, scale = _max_difference(paths)
-            for variant, label in zip(VARIANTS, LABELS[name]):
+            for variant, _ in VARIANTS[name]:
+                path = os.path.join(folder, f"{variant}.pt")
+                rows[variant] = (_run(args, name, variant, "peak", path)["peak"],
+                                 _run(args, name, variant, "time", path)["seconds"])
+            base_peak, base_seconds = rows["dense"]
+            for variant, label in VARIANTS[name]:
                 peak, seconds = rows[variant]
-                base_peak, base_seconds = rows["unchunked"]
-                diff = f"{value:.1e} | {grad:.1e} ({scale:.1e})" if variant == "chunked" else " | "
+                diff = " | "
+                if variant != "dense":
+                    value, grad, scale = _max_difference([os.path.join(folder, f"{v}.pt") for v in (variant, "dense")])
+                    diff = f"{value:.1e} | {grad:.1e} ({scale:.1e})"
                 print(f"| {name} | {label} | {peak / 2**20:.0f} | {peak / base_peak:.3f} | {seconds:.2f} | "
                       f"{seconds / base_seconds:.2f} | {diff} |", flush=True)
 

@@ -1,17 +1,21 @@
-"""Weighted log-sum-exp over the rows and columns of a logit matrix, computed block by block.
+"""Log-sum-exps over the rows and columns of a logit matrix, computed block by block.
 
-For logits s (R, C) and log-weights w_rc that equal ``log_weight`` except on a few diagonals::
+``weighted_logsumexp`` (the gamma loss's): for logits s (R, C), already formed, and log-weights
+w_rc that equal ``log_weight`` except on a few diagonals::
 
     rows[r] = log sum_c exp(s_rc + w_rc)        columns[c] = log sum_r exp(s_rc + w_rc)
 
 With ``means=True`` it also returns, without gradient, the mean logit under each row's (column's)
 weighted softmax, mean_r = sum_c p_rc s_rc with p_rc = exp(s_rc + w_rc - rows[r]): the slope
 d rows[r] / d log(scale) that the gamma loss uses to carry a stored log Z to a new logit scale.
-
 The weighted matrix is never materialised: forward and backward walk row blocks of about
 ``BLOCK_ELEMENTS`` entries, so the temporaries stay in cache and take O(block) memory; the
-backward writes d loss / d s directly (one (R, C) tensor). This is the hot path of the
-per-sample losses at large batch.
+backward writes d loss / d s directly (one (R, C) tensor).
+
+``pair_logsumexp`` (InfoNCE's and SogCLR's): the same sums from the features, s = scale a @ b.T
+plus sparse log-weights, the logit matrix itself never formed: row blocks of s are computed in
+the forward and again in the backward, which accumulates the gradients of a, b and the scale
+directly; memory O(chunk * C).
 """
 
 from __future__ import annotations
@@ -304,14 +308,15 @@ class _PairLogSumExp(torch.autograd.Function):
         row_shift, column_shift = (torch.where(x == -math.inf, math.inf, x) for x in (rows2, columns2))
         pick_r, pick_c, pick_order = layout.picks
         picked_grads = None if grad_picked is None else grad_picked[pick_order]
+        scratch = a.new_empty(min(_sub_rows(a.shape[0], b.shape[0]), a.shape[0]), b.shape[0])  # pages touched if used
         for k, start, stop, block in blocks:
             if not use_lse:
                 p = block.zero_()
             elif exact:
-                p = _exact_gradient(block, row_shift[start:stop], column_shift,
-                                    None if grad_rows is None else grad_rows[start:stop], grad_columns, a.shape[0])
+                p = _exact_gradient(block, scratch, row_shift[start:stop], column_shift,
+                                    None if grad_rows is None else grad_rows[start:stop], grad_columns)
             else:
-                p = _shifted_gradient(block, factors, start, exponentiated, a.shape[0])
+                p = _shifted_gradient(block, scratch, factors, start, exponentiated)
             lo, hi = layout.pick_cuts[k], layout.pick_cuts[k + 1]
             if picked_grads is not None and hi > lo:  # d s_rc / d s_rc = 1 at the picks
                 p.index_put_((pick_r[lo:hi] - start, pick_c[lo:hi]), picked_grads[lo:hi], accumulate=True)
@@ -346,8 +351,9 @@ def _shifted_lse(blocks, row_sums: Tensor, column_sums: Tensor, layout: _Layout,
 
 
 def _exact_lse(blocks, n_rows: int, n_columns: int, layout: _Layout, like: Tensor):
-    """Base-2 row and column log-sum-exps, each line of a few rows shifted by its own maximum (any
-    logit range), the columns merged over them; the blocks are left as they were."""
+    """Base-2 row and column log-sum-exps for any logit range: a few rows at a time, each row (and
+    each column of those rows) shifted by its own maximum, the columns merged over them; the
+    blocks are left as they were."""
     rows = like.new_full((n_rows,), -math.inf)
     columns = like.new_full((n_columns,), -math.inf)
     scratch = like.new_empty(min(_sub_rows(n_rows, n_columns), like.shape[0]), n_columns)
@@ -382,9 +388,9 @@ def _softmax_factors(rows2: Tensor, columns2: Tensor, grad_rows: Tensor | None, 
     return factors[0], factors[1]
 
 
-def _shifted_gradient(block: Tensor, factors, start: int, exponentiated: bool, n_rows: int) -> Tensor:
+def _shifted_gradient(block: Tensor, scratch: Tensor, factors, start: int, exponentiated: bool) -> Tensor:
     """d loss / d s on a block of x - K (``exponentiated``: of exp2(x - K)), in place:
-    exp2(x - K) (u_r + v_c), the outer sum u + v formed a few rows at a time."""
+    exp2(x - K) (u_r + v_c), the outer sum u + v formed a few rows at a time in ``scratch``."""
     u, v = factors
     if not exponentiated:
         block.exp2_()
@@ -393,27 +399,23 @@ def _shifted_gradient(block: Tensor, factors, start: int, exponentiated: bool, n
     u = u[start: start + block.shape[0], None]
     if v is None:
         return block.mul_(u)
-    step = _sub_rows(n_rows, block.shape[1])
-    scratch = block.new_empty(min(step, block.shape[0]), block.shape[1])
-    for lo in range(0, block.shape[0], step):
-        part = block[lo: lo + step]
+    for lo in range(0, block.shape[0], scratch.shape[0]):
+        part = block[lo: lo + scratch.shape[0]]
         part.mul_(torch.add(u[lo: lo + part.shape[0]], v[None, :], out=scratch[: part.shape[0]]))
     return block
 
 
-def _exact_gradient(block: Tensor, row_shift: Tensor, column_shift: Tensor,
-                    grad_rows: Tensor | None, grad_columns: Tensor | None, n_rows: int) -> Tensor:
+def _exact_gradient(block: Tensor, scratch: Tensor, row_shift: Tensor, column_shift: Tensor,
+                    grad_rows: Tensor | None, grad_columns: Tensor | None) -> Tensor:
     """d loss / d s on a block of base-2 logits x, in place: grad_rows[r] softmax_c[r, c] +
     grad_columns[c] softmax_r[r, c], softmax_c[r, c] = exp2(x_rc - row_shift[r]) (base-2
-    log-sum-exps), the row part formed a few rows at a time."""
+    log-sum-exps), the row part formed a few rows at a time in ``scratch``."""
     if grad_rows is None:
         return block.sub_(column_shift[None, :]).exp2_().mul_(grad_columns[None, :])
     if grad_columns is None:
         return block.sub_(row_shift[:, None]).exp2_().mul_(grad_rows[:, None])
-    step = _sub_rows(n_rows, block.shape[1])
-    scratch = block.new_empty(min(step, block.shape[0]), block.shape[1])
-    for lo in range(0, block.shape[0], step):
-        part = block[lo: lo + step]
+    for lo in range(0, block.shape[0], scratch.shape[0]):
+        part = block[lo: lo + scratch.shape[0]]
         n = part.shape[0]
         row_part = torch.sub(part, row_shift[lo: lo + n, None], out=scratch[:n]).exp2_().mul_(grad_rows[lo: lo + n, None])
         part.sub_(column_shift[None, :]).exp2_().mul_(grad_columns[None, :]).add_(row_part)

@@ -4,10 +4,14 @@
 
 For every batch size B: plait's InfoNCE, the gamma loss (default ema estimator, and the memory
 estimator), SogCLR, an open_clip-style CLIP loss written here (two cross-entropies over
-s a @ b.T and s b @ a.T), pytorch-metric-learning's NTXentLoss used as a CLIP loss (both
-directions, ``ref_emb``; where it fits), and a lower bound made of the same matrix products alone
-(logits = a @ b.T and the two products of its backward). ``--chunk-sizes`` adds InfoNCE and
-SogCLR rows at other ``chunk_size`` values (None: the dense path). Times are medians of ``--repeats``
+s a @ b.T and s b @ a.T, s = 1/0.07), pytorch-metric-learning's NTXentLoss used as a CLIP loss
+(both directions, ``ref_emb``; where it fits), and a lower bound made of the same matrix
+products alone (logits = a @ b.T and the two products of its backward). The features are
+unit-norm rows, as an encoder's normalised output: the open_clip-style loss takes them as they
+are (as open_clip's ClipLoss does), plait's losses normalise them again (their default
+``normalize=True``); the rows "normalize=False" skip that, the same work as the open_clip-style
+loss. ``--chunk-sizes`` adds InfoNCE and SogCLR rows at other ``chunk_size`` values (None: the
+dense path). Times are medians of ``--repeats``
 runs after a warm-up; peak memory is the rise of the process's peak resident set (VmHWM,
 reset before each measurement) over its resident set before the call, measured in a child
 process whose glibc MALLOC_MMAP_THRESHOLD_ is fixed at 16 kB so that every tensor buffer is
@@ -87,6 +91,8 @@ def _candidates(batch: int, dim: int, chunk_sizes: list = ()) -> dict:
     gamma = GammaContrastiveLoss(DATASET_SIZE, temperature=0.07, estimator="ema")
     memory = GammaContrastiveLoss(DATASET_SIZE, temperature=0.07, estimator="memory", memory_candidates=4096)
     sogclr = SogCLRLoss(DATASET_SIZE, temperature=0.07)
+    infonce_raw = InfoNCELoss(temperature=0.07, normalize=False)
+    sogclr_raw = SogCLRLoss(DATASET_SIZE, temperature=0.07, normalize=False)
     return {
         "matmul bound": matmul_bound,
         "open_clip-style loss": open_clip_style,
@@ -94,15 +100,18 @@ def _candidates(batch: int, dim: int, chunk_sizes: list = ()) -> dict:
         "plait gamma (ema)": lambda a, b, index: gamma(a, b, index=index),
         "plait gamma (memory, 4096 bank rows)": lambda a, b, index: memory(a, b, index=index),
         "plait SogCLR": lambda a, b, index: sogclr(a, b, index=index),
+        "plait InfoNCE (normalize=False)": lambda a, b, index: infonce_raw(a, b),
+        "plait SogCLR (normalize=False)": lambda a, b, index: sogclr_raw(a, b, index=index),
         **_chunk_candidates(chunk_sizes),
         "PML NTXentLoss (CLIP form)": _pml_clip_loss(),
     }
 
 
 def _inputs(batch: int, dim: int):
+    """Unit-norm feature rows (B, d), leaves with gradient, and B distinct dataset indices."""
     generator = torch.Generator().manual_seed(batch)
-    a = torch.randn(batch, dim, generator=generator, requires_grad=True)
-    b = torch.randn(batch, dim, generator=generator, requires_grad=True)
+    a = F.normalize(torch.randn(batch, dim, generator=generator), dim=1).requires_grad_(True)
+    b = F.normalize(torch.randn(batch, dim, generator=generator), dim=1).requires_grad_(True)
     return a, b, torch.randperm(DATASET_SIZE, generator=generator)[:batch]
 
 

@@ -71,7 +71,7 @@ def test_choices_read_validation_scores_only(tmp_path, monkeypatch):
         return (0.5 + 0.1 * (lr == best_lr[variant]) + 0.05 * (multiplier == best_multiplier.get(variant, 1.0))
                 + 0.01 * seed)
 
-    def run(test_sign):
+    def run(test_sign, until="seeds"):
         def test_value(t):  # the test metric: highest where validation is lowest (or, test_sign -1, the reverse)
             return 0.5 + test_sign * (0.6 - validation(*t))
 
@@ -94,8 +94,8 @@ def test_choices_read_validation_scores_only(tmp_path, monkeypatch):
         monkeypatch.setattr(fusion, "_pretrain_validation",
                             lambda run_dir: {"validation_r1": 0.1, "validation_curve": [(1, 0.1)], "train_loss_last_tenth": 1.0})
         monkeypatch.setattr(fusion, "_plot", lambda result, path: None)
-        out = tmp_path / f"sign{test_sign}"
-        table = run_fusion_experiment(out, seeds=3, workers=1, lrs=lrs, weight_multipliers=multipliers)
+        out = tmp_path / f"sign{test_sign}-{until}"
+        table = run_fusion_experiment(out, seeds=3, workers=1, lrs=lrs, weight_multipliers=multipliers, until=until)
         return json.loads((out / "results.json").read_text()), table
 
     result, table = run(+1)
@@ -111,6 +111,9 @@ def test_choices_read_validation_scores_only(tmp_path, monkeypatch):
     assert (flipped["chosen_lr"], flipped["chosen_multiplier"]) == (result["chosen_lr"], result["chosen_multiplier"])
     assert [e["score"] for e in flipped["lr_grid"]] == [e["score"] for e in result["lr_grid"]]
     assert "| albef | 0.0002 | - |" in table and "| gc | 0.0001 | 0.5 |" in table
+    for until, keys in (("lr", {"lr_grid", "chosen_lr"}), ("weight", {"lr_grid", "chosen_lr", "weight_grid", "chosen_multiplier"})):
+        partial, _ = run(+1, until)  # the sweep in pieces: each phase's grid and choice on disk
+        assert keys <= set(partial) and "rows" not in partial and ("weight_grid" in partial) == (until == "weight")
 
 
 def test_unknown_variant_or_phase_is_refused(tmp_path):

@@ -214,8 +214,9 @@ def run_fusion_experiment(out: str | Path = "runs/fusion-tuned", seeds: int = 3,
     lr_runs = evaluate_settings([(v, lr, 1.0, 0) for v in variants for lr in lrs], out, workers, reuse, quick, steps)
     chosen_lr = choose(lr_runs, "lr")
     result["lr_grid"], result["chosen_lr"] = [_grid_entry(r) for r in lr_runs], chosen_lr
+    table = save(grid_table(result))  # each phase is on disk as soon as it is done
     if until == "lr":
-        return save(grid_table(result))
+        return table
     regularised = [v for v in variants if VARIANTS[v]]
     weight_runs = evaluate_settings([(v, chosen_lr[v], m, 0) for v in regularised for m in weight_multipliers if m != 1.0],
                                     out, workers, reuse, quick, steps)
@@ -224,8 +225,9 @@ def run_fusion_experiment(out: str | Path = "runs/fusion-tuned", seeds: int = 3,
     chosen_multiplier = {v: 1.0 for v in variants if not VARIANTS[v]} | choose(at_default + weight_runs, "multiplier")
     weight_grid = sorted(at_default + weight_runs, key=lambda r: (variants.index(r["variant"]), r["multiplier"]))
     result["weight_grid"], result["chosen_multiplier"] = [_grid_entry(r) for r in weight_grid], chosen_multiplier
+    table = save(grid_table(result))
     if until == "weight":
-        return save(grid_table(result))
+        return table
     seed0 = {(r["variant"], r["lr"], r["multiplier"]): r for r in lr_runs + weight_runs}
     more = evaluate_settings([(v, chosen_lr[v], chosen_multiplier[v], s) for v in variants for s in range(1, seeds)],
                              out, workers, reuse, quick, steps)

@@ -32,19 +32,22 @@ class PairBatch:
     ``column_logits`` (bimodal only): the logits direction 1 reads (default: ``logits``).
 
     A batch built with a ``chunk_size`` keeps the features (a, b, scale) instead and computes
-    ``log_partition`` block by block from them (``pair_logsumexp``), never forming the matrix; a
-    dense path that still needs ``logits`` (``means=True``, a positives-only partition with
-    duplicate indices, ``negative_counts`` with duplicates) computes them on first use.
+    ``log_partition`` from them without forming the matrix: block by block (``pair_logsumexp``,
+    ``means=True`` included) when negatives are weighted, from the same-index pairs alone
+    (O(B + duplicates) logits) for a positives-only partition; ``negative_counts`` from the
+    index. ``one_side`` gives such a batch whose logits carry gradient to one side only.
     """
 
     def __init__(self, logits: Tensor | None, positive: Tensor | None, index: Tensor, mode: str, unique: Tensor,
                  inverse: Tensor, column_logits: Tensor | None = None,
-                 features: tuple[Tensor, Tensor, Tensor] | None = None, chunk_size: int | None = None):
+                 features: tuple[Tensor, Tensor, Tensor] | None = None, chunk_size: int | None = None,
+                 side: str | None = None):
         self._logits, self._positive = logits, positive
         self.index, self.mode, self.unique, self.inverse = index, mode, unique, inverse
         self.column_logits = column_logits
         self.features = features
         self.chunk_size = chunk_size
+        self.side = side  # a chunked batch's gradient routing: None (full), "anchor" or "candidate"
 
     @classmethod
     def build(cls, a: Tensor, b: Tensor, scale: Tensor, index: Tensor, mode: str,
@@ -65,8 +68,15 @@ class PairBatch:
     @property
     def logits(self) -> Tensor:
         if self._logits is None:
+            if self.side is not None:
+                raise RuntimeError("a one-sided chunked batch has no logits; it computes log_partition(0, w) only")
             self._logits = _logits(*self.features, self.mode)
         return self._logits
+
+    @property
+    def chunked(self) -> bool:
+        """Whether this batch computes from the features, never forming the logits."""
+        return self._logits is None and self.chunk_size is not None
 
     @property
     def positive(self) -> Tensor:
@@ -81,6 +91,15 @@ class PairBatch:
         direction 1 (the anchors b_c, columns) reads ``columns`` if given."""
         return PairBatch(rows, self.positive, self.index, self.mode, self.unique, self.inverse, columns)
 
+    def one_side(self, anchor: bool) -> "PairBatch":
+        """A chunked batch's negatives-only partitions with gradient to one side of each logit:
+        the anchor's (and the scale) if ``anchor``, else the candidate's (as the dense batch
+        ``with_logits`` of one-sided logits); the positives are this batch's."""
+        if not self.chunked:
+            raise ValueError("one_side needs a chunked batch (built with a chunk_size)")
+        return PairBatch(None, self.positive, self.index, self.mode, self.unique, self.inverse,
+                         features=self.features, chunk_size=self.chunk_size, side="anchor" if anchor else "candidate")
+
     @property
     def size(self) -> int:
         return self.index.shape[0]
@@ -91,6 +110,10 @@ class PairBatch:
 
     def negative_counts(self) -> Tensor:
         """(2, B) number of in-batch negatives of each anchor."""
+        if self.chunked:  # from the index: B - (rows sharing the anchor's index), twice that unimodal
+            counts = torch.bincount(self.inverse)[self.inverse]
+            negatives = self.size - counts if self.mode == "bimodal" else 2 * (self.size - counts)
+            return negatives.to(self.features[0].dtype).expand(2, -1).clone()
         if not self.has_duplicates:
             count = self.size - 1 if self.mode == "bimodal" else 2 * self.size - 2
             return self.logits.new_full((2, self.size), float(count))
@@ -105,8 +128,12 @@ class PairBatch:
         """
         log_pw = math.log(positive_weight) if positive_weight > 0 else -math.inf
         log_nw = math.log(negative_weight) if negative_weight > 0 else -math.inf
-        if self._logits is None and self.chunk_size is not None and not means and log_nw > -math.inf:
-            return self._log_partition_chunked(log_pw, log_nw)
+        if self.chunked and log_nw > -math.inf:
+            return self._log_partition_chunked(log_pw, log_nw, means)
+        if self.side is not None:
+            raise ValueError("a one-sided batch computes negatives-weighted partitions only")
+        if self.chunked and self.has_duplicates:
+            return self._log_partition_positives(log_pw, means)
         if not self.has_duplicates:
             return self._log_partition_distinct(log_pw, log_nw, means)
         anchor_rows, positive, negative = self._masks()
@@ -149,36 +176,96 @@ class PairBatch:
         value = out[0].reshape(2, batch)
         return (value, out[2].reshape(2, batch)) if means else value
 
-    def _log_partition_chunked(self, log_pw: float, log_nw: float) -> Tensor:
+    def _log_partition_chunked(self, log_pw: float, log_nw: float, means: bool = False):
         """log_partition from the features, ``chunk_size`` rows of logits at a time.
 
         Every anchor's negatives share one log-weight, base = log_nw - log(negatives); the
         kernel sums exp(s + delta) with delta the positives' log_pw - log(positives) - base and
         -inf on the non-candidates (the anchor, its same-modality duplicates), then adds base.
+        A one-sided batch (``side``) runs the kernel once per direction, on operands detached so
+        that each direction's logits carry gradient to its side only (no means there).
         """
         a, b, scale = self.features
         batch = self.size
         counts = torch.bincount(self.inverse)[self.inverse].to(a.dtype)  # (B,) rows sharing each row's index
         own = torch.arange(batch, device=a.device)
+        if self.side is not None and means:
+            raise ValueError("a one-sided batch has no means")
+        mean = None
         if self.mode == "bimodal":
             base = log_nw - (batch - counts).log()
             r, c = _same_index_pairs(self.inverse)
             delta = (log_pw - counts[r].log() - base[r]) if log_pw > -math.inf else torch.full_like(base[r], -math.inf)
-            rows, columns, picked = pair_logsumexp(a, b, scale, (r, c, delta), chunk_size=self.chunk_size,
-                                                   picks="diagonal" if self._positive is None else None)
+            if self.side is None:
+                out = pair_logsumexp(a, b, scale, (r, c, delta), chunk_size=self.chunk_size,
+                                     picks="diagonal" if self._positive is None else None, means=means)
+                rows, columns, picked = out[:3]
+                mean = torch.stack(out[3:]) if means else None
+            else:
+                (row_a, row_b, row_scale), (column_a, column_b, column_scale) = self._one_sided_operands()
+                rows = pair_logsumexp(row_a, row_b, row_scale, (r, c, delta), columns=False, chunk_size=self.chunk_size)[0]
+                columns = pair_logsumexp(column_a, column_b, column_scale, (r, c, delta), rows=False,
+                                         chunk_size=self.chunk_size)[1]
+                picked = None
             value = torch.stack([rows, columns]) + base
         else:
             base = log_nw - (2 * batch - 2 * counts).log().repeat(2)
             r, c = _same_index_pairs(self.inverse.repeat(2))
             positive = (r < batch) != (c < batch)  # the other modality: a positive; the same: not a candidate
             delta = torch.where(positive, log_pw - counts.repeat(2)[r].log() - base[r], -math.inf)
-            views = torch.cat([a, b])
-            rows, _, picked = pair_logsumexp(views, views, scale, (r, c, delta), columns=False, chunk_size=self.chunk_size,
-                                             picks=(own, own + batch) if self._positive is None else None)
+            if self.side is None:
+                views = torch.cat([a, b])
+                out = pair_logsumexp(views, views, scale, (r, c, delta), columns=False, chunk_size=self.chunk_size,
+                                     picks=(own, own + batch) if self._positive is None else None, means=means)
+                rows, picked = out[0], out[2]
+                mean = out[3].reshape(2, batch) if means else None
+            else:
+                (left, right, side_scale), _ = self._one_sided_operands()
+                rows, picked = pair_logsumexp(left, right, side_scale, (r, c, delta), columns=False,
+                                              chunk_size=self.chunk_size)[0], None
             value = (rows + base).reshape(2, batch)
         if picked is not None:
             self._positive = torch.stack([picked, picked])
-        return value
+        return (value, mean) if means else value
+
+    def _one_sided_operands(self):
+        """((a, b, scale) of direction 0, of direction 1) for ``pair_logsumexp`` on a one-sided
+        batch: the side without gradient detached (unimodal: the views, direction 1 unused)."""
+        a, b, scale = self.features
+        anchor = self.side == "anchor"
+        if self.mode == "unimodal":
+            views = torch.cat([a, b])
+            operands = (views, views.detach(), scale) if anchor else (views.detach(), views, scale.detach())
+            return operands, None
+        factor = scale if anchor else scale.detach()
+        rows = (a, b.detach()) if anchor else (a.detach(), b)  # direction 0: anchors a_r are rows
+        columns = (a.detach(), b) if anchor else (a, b.detach())  # direction 1: anchors b_c are columns
+        return (*rows, factor), (*columns, factor)
+
+    def _log_partition_positives(self, log_pw: float, means: bool):
+        """A chunked batch's positives-only partition: log_pw + log mean_{c pos} exp(s_rc) over
+        the same-index pairs (r, c) alone, their logits from row-wise products. Direction 0
+        groups them by r, direction 1 by c (the relation is symmetric, so in unimodal mode the
+        b-view anchors read the same pairs)."""
+        a, b, scale = self.features
+        batch = self.size
+        r, c = _same_index_pairs(self.inverse)
+        logits = scale * torch.linalg.vecdot(a[r], b[c])
+        log_counts = torch.bincount(self.inverse)[self.inverse].to(a.dtype).log()
+        values, mean = [], []
+        for group in (r, c):
+            with torch.no_grad():
+                shift = logits.new_full((batch,), -math.inf).scatter_reduce(0, group, logits, "amax")
+                shift = shift.clamp(min=torch.finfo(a.dtype).min)
+            total = logits.new_zeros(batch).index_add(0, group, (logits - shift[group]).exp())
+            lse = total.log() + shift
+            values.append(lse + log_pw - log_counts)
+            if means:
+                with torch.no_grad():
+                    p = (logits - lse[group]).exp()
+                    mean.append(logits.new_zeros(batch).index_add(0, group, p * logits).detach())
+        value = torch.stack(values)
+        return (value, torch.stack(mean)) if means else value
 
     def _masks(self) -> tuple[Tensor, Tensor, Tensor]:
         """Logits arranged with one anchor per row, and its positive and negative masks.

@@ -159,8 +159,8 @@ def check_chunk_size(chunk_size: int | None) -> int | None:
 def pair_logsumexp(
     a: Tensor, b: Tensor, scale: Tensor, entries: tuple[Tensor, Tensor, Tensor] | None = None,
     rows: bool = True, columns: bool = True, chunk_size: int = CHUNK_ROWS,
-    picks: tuple[Tensor, Tensor] | str | None = None,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    picks: tuple[Tensor, Tensor] | str | None = None, means: bool = False,
+) -> tuple[Tensor | None, ...]:
     """Row and column log-sum-exps of s = scale * a @ b.T + delta, ``chunk_size`` rows at a time::
 
         rows[r] = log sum_c exp(s_rc)  (R,)        columns[c] = log sum_r exp(s_rc)  (C,)
@@ -169,7 +169,14 @@ def pair_logsumexp(
     ``entries`` = (r, c, value), three (E,) tensors (value -inf removes the entry). ``picks`` =
     (r, c), two (P,) tensors, or "diagonal" (r = c = 0..R-1): also return picked[k] =
     scale <a_r[k], b_c[k]> (P,), the deltas not added, its gradient folded into the blocks'.
-    Returns (rows, columns, picked), None for what was not asked.
+    Returns (rows, columns, picked), None for what was not asked. ``means=True`` also returns
+    (row_mean, column_mean), detached: the mean of scale <a_r, b_c> under each line's softmax
+    p (the deltas weight the average but are not averaged), for the rows::
+
+        row_mean[r] = sum_c p_rc scale <a_r, b_c>,      p_rc = exp(s_rc - rows[r])
+
+    i.e. d rows[r] / d log(scale), the gamma loss's slope; it costs one more product and two
+    sums per entry in the forward (and a second block-sized buffer on the common-shift path).
 
     The (R, C) matrix is never formed: memory O(chunk_size * C + (R + C) d). The forward keeps
     the row results and the columns' sums (or a running merge of their log-sum-exps); the
@@ -190,9 +197,10 @@ def pair_logsumexp(
     layout = _Layout(chunk_size, rows, columns, picks is not None, diagonal,
                      *_by_row(r, c, value.to(a.dtype) * LOG2E, a.shape[0], chunk_size),
                      *_by_row(pick_r, pick_c, torch.arange(pick_r.numel(), device=a.device), a.shape[0], chunk_size),
-                     pick_r, pick_c)
+                     pick_r, pick_c, means)
     out = _PairLogSumExp.apply(a, b, scale.reshape(()), layout)
-    return tuple(x if wanted else None for x, wanted in zip(out, (rows, columns, picks is not None)))
+    wanted = (rows, columns, picks is not None) + ((rows, columns) if means else ())
+    return tuple(x if want else None for x, want in zip(out, wanted))
 
 
 @dataclass
@@ -211,6 +219,7 @@ class _Layout:
     pick_cuts: list[int]
     pick_r: Tensor  # the caller's order
     pick_c: Tensor
+    means: bool = False
 
 
 def _by_row(r: Tensor, c: Tensor, extra: Tensor, n_rows: int, chunk: int) -> tuple[tuple[Tensor, Tensor, Tensor], list[int]]:
@@ -220,9 +229,11 @@ def _by_row(r: Tensor, c: Tensor, extra: Tensor, n_rows: int, chunk: int) -> tup
     return (r, c, extra), torch.searchsorted(r, starts).tolist()
 
 
-def _blocks(a: Tensor, b: Tensor, alpha: float, layout: "_Layout", shift: float | None, out: Tensor):
+def _blocks(a: Tensor, b: Tensor, alpha: float, layout: "_Layout", shift: float | None, out: Tensor,
+            plain: bool = False):
     """Yield (k, start, stop, block): rows [start, stop) of the base-2 logits x = alpha a @ b.T +
-    delta log2 e (alpha = scale log2 e), minus ``shift`` if given, written into ``out``."""
+    delta log2 e (alpha = scale log2 e), minus ``shift`` if given, written into ``out``;
+    ``plain``: also the block's values at its entries before the deltas were added (E_k,)."""
     r, c, value = layout.entries
     bias = a.new_tensor(-shift if shift else 0.0)
     for k, start in enumerate(range(0, a.shape[0], layout.chunk)):
@@ -230,9 +241,11 @@ def _blocks(a: Tensor, b: Tensor, alpha: float, layout: "_Layout", shift: float 
         block = out[: stop - start]
         torch.addmm(bias, a[start:stop], b.T, beta=1 if shift else 0, alpha=alpha, out=block)
         lo, hi = layout.entry_cuts[k], layout.entry_cuts[k + 1]
+        if plain:
+            before = block[r[lo:hi] - start, c[lo:hi]]
         if hi > lo:
             block.index_put_((r[lo:hi] - start, c[lo:hi]), value[lo:hi], accumulate=True)
-        yield k, start, stop, block
+        yield (k, start, stop, block, before) if plain else (k, start, stop, block)
 
 
 def _common_shift(a: Tensor, b: Tensor, alpha: float, value: Tensor) -> float | None:
@@ -265,23 +278,33 @@ class _PairLogSumExp(torch.autograd.Function):
         alpha = float(scale) * LOG2E
         shift = _common_shift(a, b, alpha, layout.entries[2])
         workspace = a.new_empty(min(layout.chunk, a.shape[0]), b.shape[0])
-        blocks = _blocks(a, b, alpha, layout, shift, workspace)
-        if shift is None:
+        kept = workspace
+        blocks = _blocks(a, b, alpha, layout, shift, workspace, plain=layout.means)
+        if layout.means:
+            if shift is None:
+                rows2, columns2, row_mean, column_mean = _exact_lse_means(blocks, a.shape[0], b.shape[0], layout, workspace)
+            else:
+                kept = torch.empty_like(workspace)
+                rows2, columns2, row_mean, column_mean = _shifted_lse_means(blocks, a.shape[0], b.shape[0], layout, shift, kept)
+        elif shift is None:
             rows2, columns2 = _exact_lse(blocks, a.shape[0], b.shape[0], layout, workspace)
         else:
             rows2, columns2 = _shifted_lse(blocks, a.new_zeros(a.shape[0]), a.new_zeros(b.shape[0]), layout, shift)
+        if not layout.means:
+            row_mean = column_mean = a.new_empty(0)
         picked = _picked(a, b, scale, layout)
         # A single block (at most ``chunk`` rows) is kept for the backward instead of recomputed:
         # exp2(x - K) on the common-shift path, x on the exact one. The backward overwrites it, so
         # it is an attribute, released there (a second backward recomputes it).
-        ctx.kept = workspace if a.shape[0] <= layout.chunk else None
+        ctx.kept = kept if a.shape[0] <= layout.chunk else None
         ctx.save_for_backward(a, b, scale, rows2, columns2)
         ctx.settings = (layout, shift, alpha)
-        return rows2 * math.log(2.0), columns2 * math.log(2.0), picked
+        ctx.mark_non_differentiable(row_mean, column_mean)
+        return rows2 * math.log(2.0), columns2 * math.log(2.0), picked, row_mean, column_mean
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_rows, grad_columns, grad_picked):
+    def backward(ctx, grad_rows, grad_columns, grad_picked, _grad_row_mean, _grad_column_mean):
         a, b, scale, rows2, columns2 = ctx.saved_tensors
         layout, shift, alpha = ctx.settings
         kept, ctx.kept = ctx.kept, None
@@ -366,6 +389,69 @@ def _exact_lse(blocks, n_rows: int, n_columns: int, layout: _Layout, like: Tenso
             if layout.columns:
                 columns = torch.logaddexp2(columns, _log2sumexp2(part, 0, tmp))
     return rows, columns
+
+
+def _shifted_lse_means(blocks, n_rows: int, n_columns: int, layout: _Layout, shift: float, exps: Tensor):
+    """_shifted_lse and the lines' mean logits (in s units): on each block, E = exp2(x - K) is
+    written into ``exps`` (left holding the last block's), the entries are given back their
+    values before the deltas and the block multiplied by E in place, so that the sums of
+    E (x_plain - K) give the means. An entry removed (-inf) has E = 0 and so no weight."""
+    r, c, _ = layout.entries
+    row_sums, column_sums = exps.new_zeros(n_rows), exps.new_zeros(n_columns)
+    row_num, column_num = exps.new_zeros(n_rows), exps.new_zeros(n_columns)
+    for k, start, stop, block, plain in blocks:
+        e = torch.exp2(block, out=exps[: stop - start])
+        lo, hi = layout.entry_cuts[k], layout.entry_cuts[k + 1]
+        if hi > lo:
+            block.index_put_((r[lo:hi] - start, c[lo:hi]), plain)
+        block.mul_(e)
+        if layout.rows:
+            torch.sum(e, dim=1, out=row_sums[start:stop])
+            torch.sum(block, dim=1, out=row_num[start:stop])
+        if layout.columns:
+            column_sums.add_(e.sum(dim=0))
+            column_num.add_(block.sum(dim=0))
+    row_mean = row_num.div_(row_sums).add_(shift).mul_(math.log(2.0))
+    column_mean = column_num.div_(column_sums).add_(shift).mul_(math.log(2.0))
+    return row_sums.log2_().add_(shift), column_sums.log2_().add_(shift), row_mean, column_mean
+
+
+def _exact_lse_means(blocks, n_rows: int, n_columns: int, layout: _Layout, like: Tensor):
+    """_exact_lse and the lines' mean logits (in s units), a few rows at a time: each part is
+    copied with its entries' values before the deltas (``plain``) to weight by the softmax of
+    the part with them; the columns' means merged over the parts as their log-sum-exps are."""
+    r, c, _ = layout.entries
+    rows, columns = like.new_full((n_rows,), -math.inf), like.new_full((n_columns,), -math.inf)
+    row_mean, column_mean = like.new_zeros(n_rows), like.new_zeros(n_columns)
+    step = min(_sub_rows(n_rows, n_columns), like.shape[0])
+    scratch, plain = like.new_empty(step, n_columns), like.new_empty(step, n_columns)
+    tiny = torch.finfo(like.dtype).min
+    for k, start, stop, block, before in blocks:
+        lo, hi = layout.entry_cuts[k], layout.entry_cuts[k + 1]
+        er, ec = r[lo:hi] - start, c[lo:hi]
+        cuts = torch.searchsorted(er, torch.arange(0, stop - start + step, step, device=er.device)).tolist()
+        for j, first in enumerate(range(0, stop - start, step)):
+            part = block[first: first + step]
+            n = part.shape[0]
+            tmp, flat = scratch[:n], plain[:n].copy_(part)
+            if cuts[j + 1] > cuts[j]:
+                flat.index_put_((er[cuts[j]:cuts[j + 1]] - first, ec[cuts[j]:cuts[j + 1]]), before[cuts[j]:cuts[j + 1]])
+            if layout.rows:
+                shift = part.amax(dim=1, keepdim=True).clamp_(min=tiny)
+                total = torch.sub(part, shift, out=tmp).exp2_().sum(dim=1)
+                row_mean[start + first: start + first + n] = tmp.mul_(flat).sum(dim=1).div_(total)
+                rows[start + first: start + first + n] = total.log2_().add_(shift.squeeze(1))
+            if layout.columns:
+                shift = part.amax(dim=0, keepdim=True).clamp_(min=tiny)
+                total = torch.sub(part, shift, out=tmp).exp2_().sum(dim=0)
+                mean = tmp.mul_(flat).sum(dim=0).div_(total)
+                lse = total.log2_().add_(shift.squeeze(0))
+                merged = torch.logaddexp2(columns, lse)
+                old_part = torch.exp2(columns - merged).nan_to_num_(nan=0.0)
+                new_part = torch.exp2(lse - merged).nan_to_num_(nan=0.0)
+                column_mean = column_mean * old_part + mean.nan_to_num_(nan=0.0) * new_part
+                columns = merged
+    return rows, columns, row_mean.mul_(math.log(2.0)), column_mean.mul_(math.log(2.0))
 
 
 def _log2sumexp2(block: Tensor, dim: int, scratch: Tensor) -> Tensor:

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from plait.losses._batch import PairBatch
-from plait.losses._inputs import check_mode, check_temperature, prepare_pair, resolve_scale
+from plait.losses._inputs import check_index, check_mode, check_temperature, prepare_pair, resolve_scale
+from plait.losses._logsumexp import CHUNK_ROWS, check_chunk_size, use_chunks
 from plait.losses._state import PerSampleState
 
 ESTIMATORS = ("auto", "ema", "exact", "memory")
@@ -70,6 +71,15 @@ class GammaContrastiveLoss(PerSampleState):
     ``mode="unimodal"`` is the NT-Xent form: each of the 2B views is an anchor whose candidates
     are the 2N - 1 other views of the dataset (N replaced by 2N - 1 above).
 
+    ``batch_chunk_size``: the in-batch sums (Zbatch, the ema slope, the negatives of the table
+    estimators, both sides of ``anchor_gradient="table"``) are computed from the features
+    ``batch_chunk_size`` rows of the logit matrix at a time (``plait.losses._logsumexp.
+    pair_logsumexp``), never forming the (B, B) (unimodal: (2B, 2B)) matrix: memory
+    O(B * batch_chunk_size), the same values, gradients and state up to float rounding.
+    Matrices of at most 256 rows (``DENSE_ROWS``: B <= 256 bimodal, B <= 128 unimodal) and
+    ``batch_chunk_size=None`` use the dense logits. ``chunk_size`` is the rows of a table
+    (``exact``, ``memory``) scanned at a time.
+
     The returned value is mean_i (-s_ii + log Zhat_i), the E-step's estimate of the generalised
     loss (equal to it for ``estimator="exact"``); its gradient is the M-step gradient. The
     per-sample state (see ``PerSampleState``), the bank and the sampler's random state are
@@ -98,6 +108,7 @@ class GammaContrastiveLoss(PerSampleState):
         max_weight: float = 20.0,
         scale_correction: bool = True,
         chunk_size: int = 16384,
+        batch_chunk_size: int | None = CHUNK_ROWS,
     ):
         super().__init__(dataset_size)
         self.temperature = check_temperature(temperature)
@@ -133,6 +144,7 @@ class GammaContrastiveLoss(PerSampleState):
         self.max_weight = float(max_weight)
         self.scale_correction = bool(scale_correction)
         self.chunk_size = chunk_size
+        self.batch_chunk_size = check_chunk_size(batch_chunk_size)
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
         self.register_buffer("rng_state", self._generator.get_state())
@@ -179,6 +191,18 @@ class GammaContrastiveLoss(PerSampleState):
             self.bank = torch.zeros(2, self.dataset_size, a.shape[1], dtype=a.dtype, device=a.device)
         if self.bank.shape[-1] != a.shape[1]:
             raise ValueError(f"the memory bank holds features of dim {self.bank.shape[-1]}, got dim {a.shape[1]}")
+
+    def prepare_batch(self, features_a: Tensor, features_b: Tensor, index: Tensor,
+                      logit_scale: Tensor | float | None) -> tuple[Tensor, Tensor, Tensor, PairBatch]:
+        """As ``PerSampleState.prepare_batch``, the logits left to ``batch_chunk_size``-row blocks
+        (never formed) past the dense size."""
+        a, b = prepare_pair(features_a, features_b, self.normalize)
+        self.check_device(a.device)
+        index = check_index(index, a.shape[0], self.dataset_size, a.device)
+        scale = resolve_scale(logit_scale, self.temperature, a)
+        n_rows = a.shape[0] if self.mode == "bimodal" else 2 * a.shape[0]
+        chunk = self.batch_chunk_size if use_chunks(n_rows, self.batch_chunk_size) else None
+        return a, b, scale, PairBatch.build(a, b, scale, index, self.mode, chunk_size=chunk)
 
     def forward(
         self,
@@ -472,7 +496,10 @@ def _scan_tables(
 
 def _side(batch: PairBatch, a: Tensor, b: Tensor, scale: Tensor, anchor: bool) -> PairBatch:
     """The batch's logits with gradient to one side only: the anchor's (and the scale) if
-    ``anchor``, else the candidates'. Direction 0 reads rows, direction 1 columns (bimodal)."""
+    ``anchor``, else the candidates'. Direction 0 reads rows, direction 1 columns (bimodal).
+    A chunked batch: the same through the blockwise kernel (``PairBatch.one_side``)."""
+    if batch.chunked:
+        return batch.one_side(anchor)
     if batch.mode == "unimodal":
         views = torch.cat([a, b])
         logits = scale * (views @ views.detach().T) if anchor else scale.detach() * (views.detach() @ views.T)

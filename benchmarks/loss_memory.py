@@ -1,13 +1,14 @@
 """Peak memory and time of each loss at a large batch: chunked against unchunked, one run.
 
-    python benchmarks/loss_memory.py [--batch 16384] [--dim 256] [--repeats 3]
+    python benchmarks/loss_memory.py [--batch 16384] [--dim 256] [--repeats 3] [--losses "gamma (ema)"]
 
 For InfoNCE, SogCLR and the gamma loss (``estimator="ema"``), at temperature 0.07 on float32 CPU:
 plait's loss at its defaults against the plain dense formula of the same value written here (it
 materialises the (B, B) logit matrix and lets autograd keep what it needs): the open_clip-style
 cross-entropy for InfoNCE, a dense log-sum-exp of the first visit's estimate for SogCLR and the
 gamma loss (on a first visit both return the batch estimate, so the two formulas give the same
-value and gradient). Every variant runs alone in a child process: peak memory is measured as in
+value and gradient); for the gamma loss also plait's loss with ``batch_chunk_size=None`` (its
+dense path, which forms the logits). Every variant runs alone in a child process: peak memory is measured as in
 benchmarks/loss_speed.py (the rise of VmHWM over VmRSS for one forward + backward after a
 warm-up, glibc's mmap threshold fixed at 16 kB so that the resident set follows the live
 tensors), the time (median of ``--repeats`` forward + backward) in another child with the default
@@ -32,7 +33,6 @@ import torch.nn.functional as F
 
 from loss_speed import DATASET_SIZE, _reset_peak, _status
 from plait.losses import GammaContrastiveLoss, InfoNCELoss, SogCLRLoss
-from plait.losses._logsumexp import pair_logsumexp
 
 TEMPERATURE = 0.07
 
@@ -79,27 +79,17 @@ def dense_gamma(a, b, index):
     return (log_z - positive).mean()
 
 
-def chunked_gamma_formula(a, b, index):
-    """dense_gamma's value through pair_logsumexp (diagonal log-weight -log N, the others
-    log((N-1)/N) - log(B-1)): what the gamma loss's batch estimate costs chunked."""
-    a, b = _normalized(a, b)
-    n, batch = DATASET_SIZE, a.shape[0]
-    log_negative = math.log((n - 1) / n) - math.log(batch - 1)
-    own = torch.arange(batch)
-    entries = (own, own, torch.full((batch,), -math.log(n) - log_negative))
-    rows, columns, positive = pair_logsumexp(a, b, torch.tensor(1 / TEMPERATURE), entries, picks="diagonal")
-    return (torch.stack([rows, columns]) + log_negative - positive).mean()
-
-
-def _plait(name: str):
-    """A fresh plait loss (stateful ones: every call a first visit), as callable(a, b, index)."""
+def _plait(name: str, chunked: bool = True):
+    """A fresh plait loss (stateful ones: every call a first visit), as callable(a, b, index);
+    ``chunked=False``: the gamma loss with ``batch_chunk_size=None``."""
     if name == "InfoNCE":
         loss = InfoNCELoss(temperature=TEMPERATURE)
         return lambda a, b, index: loss(a, b)
     if name == "SogCLR":
         loss = SogCLRLoss(DATASET_SIZE, temperature=TEMPERATURE)
     else:
-        loss = GammaContrastiveLoss(DATASET_SIZE, temperature=TEMPERATURE, estimator="ema")
+        options = {} if chunked else {"batch_chunk_size": None}
+        loss = GammaContrastiveLoss(DATASET_SIZE, temperature=TEMPERATURE, estimator="ema", **options)
     return lambda a, b, index: loss(a, b, index=index)
 
 
@@ -109,17 +99,17 @@ VARIANTS = {
     "InfoNCE": [("plait", "plait InfoNCE (chunked)"), ("dense", "open_clip-style cross-entropy (dense)")],
     "SogCLR": [("plait", "plait SogCLR (chunked)"), ("dense", "dense log-sum-exp formula")],
     "gamma (ema)": [
-        ("plait", "plait gamma, ema (not chunked: the (B, B) logits are formed)"),
-        ("formula", "its first-visit formula through pair_logsumexp (chunked; not wired into the loss)"),
+        ("plait", "plait gamma, ema (chunked)"),
+        ("unchunked", "plait gamma, ema, batch_chunk_size=None (its dense path: the (B, B) logits formed)"),
         ("dense", "dense log-sum-exp formula"),
     ],
 }
 
 
 def _make(name: str, variant: str):
-    if variant == "plait":
-        return _plait(name)
-    return DENSE[name] if variant == "dense" else chunked_gamma_formula
+    if variant in ("plait", "unchunked"):
+        return _plait(name, chunked=variant == "plait")
+    return DENSE[name]
 
 
 def _inputs(batch: int, dim: int):

@@ -300,12 +300,17 @@ def _plot(result: dict, path: Path) -> None:
     for variant in variants:
         mine = sorted((r["lr"], 100 * r["score"]) for r in result["lr_grid"] if r["variant"] == variant)
         grid_ax.plot([lr for lr, _ in mine], [s for _, s in mine], "o-", color=colors[variant], label=variant)
+        grid_ax.plot([result["chosen_lr"][variant]], [dict(mine)[result["chosen_lr"][variant]]], "*", color=colors[variant],
+                     markersize=14)
         curves = [r["validation_curve"] for r in rows if r["variant"] == variant and r["validation_curve"]]
         if curves:
             steps = [step for step, _ in curves[0]]
             means = [100 * statistics.fmean(c[i][1] for c in curves if len(c) > i) for i in range(len(steps))]
             curve_ax.plot(steps, means, "o-", color=colors[variant], markersize=3, label=variant)
     grid_ax.set_xscale("log")
+    grid_ax.set_xticks(result["protocol"]["lrs"], [f"{lr:g}" for lr in result["protocol"]["lrs"]])
+    grid_ax.minorticks_off()
+    grid_ax.set_title("lr grid (star: chosen)", fontsize=9)
     grid_ax.set_xlabel("pre-training lr (seed 0, default weight)")
     grid_ax.set_ylabel("validation score (%)")
     grid_ax.legend(fontsize=8)
@@ -319,7 +324,7 @@ def _plot(result: dict, path: Path) -> None:
         spreads = [100 * (statistics.stdev([r["test"][key] for r in mine]) if len(mine) > 1 else 0.0) for key, _ in COLUMNS]
         bar_ax.bar([i + k * width for i in range(len(COLUMNS))], means, width, yerr=spreads, color=colors[variant],
                    label=variant, capsize=2)
-    bar_ax.set_xticks([i + 0.4 - width / 2 for i in range(len(COLUMNS))], [label for _, label in COLUMNS])
+    bar_ax.set_xticks([i + 0.4 - width / 2 for i in range(len(COLUMNS))], [label.replace(" R@1", "\nR@1") for _, label in COLUMNS])
     bar_ax.set_ylabel("test % (chosen settings)")
     bar_ax.legend(fontsize=8)
     figure.tight_layout()

@@ -102,7 +102,10 @@ def _finetune(args: argparse.Namespace) -> int:
 def _experiment_fusion(args: argparse.Namespace) -> int:
     from plait.experiments.fusion import run_fusion_experiment
 
-    print(run_fusion_experiment(args.out, seeds=args.seeds, workers=args.workers, reuse=args.reuse, quick=args.quick))
+    options = {key: getattr(args, key) for key in ("lrs", "weight_multipliers", "variants", "steps") if getattr(args, key)}
+    options = {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
+    print(run_fusion_experiment(args.out, seeds=args.seeds, workers=args.workers, reuse=args.reuse, quick=args.quick,
+                                until=args.until, **options))
     return 0
 
 
@@ -276,7 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.set_defaults(handler=_experiment_gamma_ablation)
 
     fusion = experiments.add_parser("fusion", help="E5: fusion pre-training (ALBEF, +Sep, +Br, +GC), fine-tuned on VQA, reasoning, entailment")
-    _run_options(fusion, "runs/fusion", seeds=3, quick="2 steps per run, small images", overrides=False)
+    _run_options(fusion, "runs/fusion-tuned", seeds=3, quick="2 steps per run, small images", overrides=False)
+    fusion.add_argument("--lrs", type=float, nargs="+", help="the pre-training lr grid (default: the module's LRS)")
+    fusion.add_argument("--weight-multipliers", type=float, nargs="+", help="x each regulariser's default weight (must include 1)")
+    fusion.add_argument("--variants", nargs="+", choices=["albef", "sep", "br", "gc"], help="a subset of the variants")
+    fusion.add_argument("--steps", type=int, help="pre-training steps of every run")
+    fusion.add_argument("--until", choices=["lr", "weight", "seeds"], default="seeds", help="stop after this phase")
     fusion.set_defaults(handler=_experiment_fusion)
 
     baselines = experiments.add_parser("task-baselines", help="text-only, image-only and majority baselines of the three fusion tasks")

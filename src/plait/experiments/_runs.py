@@ -9,17 +9,22 @@ import time
 from pathlib import Path
 
 
+# settings that change how a run waits, shows or logs, never what it computes
+NO_EFFECT = ("train.dist_timeout_s", "train.progress", "train.tensorboard")
+
+
 def finished_metrics(run_dir: Path, config_yaml: str) -> dict | None:
     """The final metrics of a finished run in ``run_dir`` trained with the settings of ``config_yaml``, else None.
 
     The saved config is read through the current schema, so keys added since (at their defaults)
-    do not count as a difference."""
-    from plait.config import load_config, to_yaml
+    do not count as a difference, nor do settings that cannot change a result (``NO_EFFECT``)."""
+    from plait.config import from_yaml, load_config
+    from plait.resume import config_differences
 
     saved, evaluation = run_dir / "config.yaml", run_dir / "eval.json"
     if not (saved.is_file() and evaluation.is_file() and (run_dir / "model.safetensors").is_file()):
         return None
-    if to_yaml(load_config(saved)) != config_yaml:
+    if config_differences(load_config(saved), from_yaml(config_yaml), may_change=NO_EFFECT):
         return None
     return json.loads(evaluation.read_text(encoding="utf-8"))["metrics"]
 

@@ -47,14 +47,20 @@ class PerSampleState(nn.Module):
         return self.dataset_size if self.mode == "bimodal" else 2 * self.dataset_size - 1
 
     def prepare_batch(self, features_a: Tensor, features_b: Tensor, index: Tensor,
-                      logit_scale: Tensor | float | None) -> tuple[Tensor, Tensor, Tensor, PairBatch]:
+                      logit_scale: Tensor | float | None, chunk_size: int | None = None) -> tuple[Tensor, Tensor, Tensor, PairBatch]:
         """(a, b, scale, batch): the checked (upcast, normalised) features, the logit scale and
-        the batch's logits, after checking the index and the state's device."""
+        the batch's logits, after checking the index and the state's device. With ``chunk_size``
+        the logits are left to ``chunk_size``-row blocks (never formed) past the dense size
+        (``plait.losses._logsumexp.use_chunks``)."""
+        from plait.losses._logsumexp import use_chunks
+
         a, b = prepare_pair(features_a, features_b, self.normalize)
         self.check_device(a.device)
         index = check_index(index, a.shape[0], self.dataset_size, a.device)
         scale = resolve_scale(logit_scale, self.temperature, a)
-        return a, b, scale, PairBatch.build(a, b, scale, index, self.mode)
+        n_rows = a.shape[0] if self.mode == "bimodal" else 2 * a.shape[0]
+        chunk = chunk_size if use_chunks(n_rows, chunk_size) else None
+        return a, b, scale, PairBatch.build(a, b, scale, index, self.mode, chunk_size=chunk)
 
     def check_device(self, device: torch.device) -> None:
         if self.log_z.device != device:

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from plait.losses._batch import PairBatch
-from plait.losses._inputs import check_index, check_mode, check_temperature, prepare_pair, resolve_scale
-from plait.losses._logsumexp import CHUNK_ROWS, check_chunk_size, use_chunks
+from plait.losses._inputs import check_mode, check_temperature, prepare_pair, resolve_scale
+from plait.losses._logsumexp import CHUNK_ROWS, check_chunk_size
 from plait.losses._state import PerSampleState
 
 ESTIMATORS = ("auto", "ema", "exact", "memory")
@@ -192,17 +192,6 @@ class GammaContrastiveLoss(PerSampleState):
         if self.bank.shape[-1] != a.shape[1]:
             raise ValueError(f"the memory bank holds features of dim {self.bank.shape[-1]}, got dim {a.shape[1]}")
 
-    def prepare_batch(self, features_a: Tensor, features_b: Tensor, index: Tensor,
-                      logit_scale: Tensor | float | None) -> tuple[Tensor, Tensor, Tensor, PairBatch]:
-        """As ``PerSampleState.prepare_batch``, the logits left to ``batch_chunk_size``-row blocks
-        (never formed) past the dense size."""
-        a, b = prepare_pair(features_a, features_b, self.normalize)
-        self.check_device(a.device)
-        index = check_index(index, a.shape[0], self.dataset_size, a.device)
-        scale = resolve_scale(logit_scale, self.temperature, a)
-        n_rows = a.shape[0] if self.mode == "bimodal" else 2 * a.shape[0]
-        chunk = self.batch_chunk_size if use_chunks(n_rows, self.batch_chunk_size) else None
-        return a, b, scale, PairBatch.build(a, b, scale, index, self.mode, chunk_size=chunk)
 
     def forward(
         self,
@@ -216,7 +205,7 @@ class GammaContrastiveLoss(PerSampleState):
     ) -> Tensor:
         """``bank_features``: (B, d) features of the same views from another encoder (a momentum
         copy, as MoCo) to write into the memory bank instead of ``features_a``, ``features_b``."""
-        a, b, scale, batch = self.prepare_batch(features_a, features_b, index, logit_scale)
+        a, b, scale, batch = self.prepare_batch(features_a, features_b, index, logit_scale, self.batch_chunk_size)
         index = batch.index
         estimator = self.resolved_estimator(a.shape[1])
         if bank_features is not None:

@@ -7,9 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from plait.losses._batch import PairBatch
-from plait.losses._inputs import check_index, check_mode, check_temperature, prepare_pair, resolve_scale
-from plait.losses._logsumexp import CHUNK_ROWS, check_chunk_size, use_chunks
+from plait.losses._inputs import check_mode, check_temperature
+from plait.losses._logsumexp import CHUNK_ROWS, check_chunk_size
 from plait.losses._state import PerSampleState
 
 
@@ -72,24 +71,13 @@ class SogCLRLoss(PerSampleState):
         self._log_offset = math.log((n - 1) / n)
         self.chunk_size = check_chunk_size(chunk_size)
 
-    def prepare_batch(self, features_a: Tensor, features_b: Tensor, index: Tensor,
-                      logit_scale: Tensor | float | None) -> tuple[Tensor, Tensor, Tensor, PairBatch]:
-        """As ``PerSampleState.prepare_batch``, the logits left to ``chunk_size``-row blocks
-        (never formed) past the dense size."""
-        a, b = prepare_pair(features_a, features_b, self.normalize)
-        self.check_device(a.device)
-        index = check_index(index, a.shape[0], self.dataset_size, a.device)
-        scale = resolve_scale(logit_scale, self.temperature, a)
-        n_rows = a.shape[0] if self.mode == "bimodal" else 2 * a.shape[0]
-        chunk = self.chunk_size if use_chunks(n_rows, self.chunk_size) else None
-        return a, b, scale, PairBatch.build(a, b, scale, index, self.mode, chunk_size=chunk)
 
     def forward(
         self, features_a: Tensor, features_b: Tensor, logit_scale: Tensor | float | None = None, *, index: Tensor
     ) -> Tensor:
         """``logit_scale`` as open_clip's (the scale itself; None: 1/temperature); ``index`` (B,),
         keyword-only and required: the rows' dataset indices in [0, dataset_size)."""
-        a, b, scale, batch = self.prepare_batch(features_a, features_b, index, logit_scale)
+        a, b, scale, batch = self.prepare_batch(features_a, features_b, index, logit_scale, self.chunk_size)
         index = batch.index
         log_gbatch = batch.log_partition(0.0, 1.0) - batch.positive  # (2, B)
         if self.epsilon > 0:

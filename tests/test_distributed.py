@@ -203,3 +203,19 @@ def test_nproc_checks_the_run_directory_before_starting_workers(tmp_path, capsys
     assert main(["train", "uci", f"output_dir={run}", "--nproc", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("already holds a run") == 1 and "[rank" not in err
+
+
+def test_nproc_must_be_positive(capsys):
+    from plait.cli import main
+
+    assert main(["train", "uci", "output_dir=/nonexistent-plait-run", "--nproc", "0"]) == 2
+    assert "--nproc=0 must be a positive number of processes" in capsys.readouterr().err
+
+
+def test_fusion_refuses_the_gradient_cache():
+    from plait.config import load_config
+    from plait.train import Trainer
+
+    with pytest.raises(ValueError, match="train.grad_cache_chunk is for two-tower models"):
+        Trainer(load_config("fusion", ["train.grad_cache_chunk=8", "data.options.image_size=16",
+                                       "model.fusion={preset: tiny, image_size: 16}"]))

@@ -318,6 +318,8 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint_and_says_so
     ("eval.label=colour", "eval.label='colour' is not a label set of the digits data; valid: digit"),
     ("train.device=gpu", "train.device='gpu' is not a device plait runs on; valid: auto, cpu, cuda, cuda:N (N: a GPU's index), mps"),
     ("train.precision=fp8", "train.precision must be one of auto, fp32, fp64, bf16, fp16, got 'fp8'"),
+    ("train.grad_cache_chunk=-4", "train.grad_cache_chunk=-4 is not valid: it must be an integer >= 0 (0: off)"),
+    ("train.dist_timeout_s=0", "train.dist_timeout_s=0.0 is not valid: it must be a positive number of seconds"),
     # evaluation settings that would fail only after training
     ("eval.features=bogus", "eval.features='bogus' is not valid: valid: shared, independent, both"),
     ("eval.batch_size=0", "eval.batch_size=0 is not valid: it must be a positive integer"),

@@ -199,7 +199,7 @@ class Trainer:
         self.amp_dtype = runtime.autocast_dtype(config.train.precision, self.device)
         self.param_dtype = runtime.parameter_dtype(config.train.precision)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
-        self.is_main = self.rank == 0  # rank 0 alone writes files (plait.distributed)
+        self.is_main = distributed.is_main()  # rank 0 alone writes files (plait.distributed)
         runtime.seed_everything(config.seed, config.train.deterministic)  # the same on every rank: the same model
 
         options = OmegaConf.to_container(config.data.options, resolve=True) or {}
@@ -298,7 +298,7 @@ class Trainer:
         """Under torchrun a BatchNorm (the cnn tower's) normalises by the global batch's statistics on
         CUDA (SyncBatchNorm); on the CPU torch has no SyncBatchNorm, so each rank's statistics are
         those of its own B / W rows, which a note says once."""
-        if self.world_size == 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+        if self.world_size == 1 or not distributed.has_batch_norm(self.model):
             return
         if self.device.type == "cuda":
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)

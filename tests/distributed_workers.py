@@ -59,6 +59,7 @@ def run_cases(rank: int, world: int, port: int, cases: list[tuple[str, list[str]
         for name, overrides in cases:
             result = train_case([*overrides, f"output_dir={out}/{name}"], config_name=config_name)
             torch.save(result, f"{out}/{name}-rank{rank}.pt")
+        distributed.teardown(finished=True)
     finally:
         distributed.teardown()
 
@@ -78,6 +79,7 @@ def run_resume(rank: int, world: int, port: int, settings: list[str], out: str) 
         for name in ("two", "one"):
             result = train_case([*settings, "optim.max_steps=6", f"output_dir={out}/{name}"], resume=f"{out}/{name}/checkpoint.pt")
             torch.save(result, f"{out}/resumed-{name}-rank{rank}.pt")
+        distributed.teardown(finished=True)
     finally:
         distributed.teardown()
 
@@ -116,5 +118,6 @@ def run_fusion(rank: int, world: int, port: int, overrides: list[str], out: str)
         metrics = trainer.fit(overwrite=True)
         torch.save({"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
                     "metrics": metrics, "step": trainer.step}, f"{out}/fusion-rank{rank}.pt")
+        distributed.teardown(finished=True)
     finally:
         distributed.teardown()

@@ -79,8 +79,12 @@ def init(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     return True
 
 
-def teardown() -> None:
+def teardown(finished: bool = False) -> None:
+    """Leave the process group. ``finished``: every rank got here normally, so they first meet at
+    a barrier (gloo aborts a process that destroys its group while a peer still uses it)."""
     if dist.is_available() and dist.is_initialized():
+        if finished and active():
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -200,8 +204,12 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
+    import inspect
+
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=has_batch_norm(module))
+    # torch 2.13 renamed broadcast_buffers (deprecated) to forward_sync_buffers
+    key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+    return DistributedDataParallel(module, device_ids=ids, **{key: has_batch_norm(module)})
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

@@ -1053,11 +1053,14 @@ def train(config: DictConfig, resume: bool | str = False, overwrite: bool = Fals
     ``overwrite``), or ``resume`` (True: ``output_dir/checkpoint.pt``, or a checkpoint path)."""
     check_run_dir(config.output_dir, resume, overwrite)  # before anything is built
     joined = distributed.init(config.train.device, config.train.dist_timeout_s)  # under torchrun: its process group
+    finished = False
     try:
         trainer = Trainer(config, allow_import=allow_import)
         if resume:
             trainer.resume(None if resume is True else resume)
-        return trainer.fit(overwrite=overwrite)
+        metrics = trainer.fit(overwrite=overwrite)
+        finished = True
+        return metrics
     finally:
         if joined:
-            distributed.teardown()
+            distributed.teardown(finished)

@@ -142,10 +142,11 @@ def _experiment_small_batch(args: argparse.Namespace) -> int:
 
 
 def _experiment_batch_sweep(args: argparse.Namespace) -> int:
-    from plait.experiments.batch_sweep import run_batch_sweep
+    from plait.experiments.batch_sweep import parse_cells, run_batch_sweep
 
     table = run_batch_sweep(args.out, datasets=args.datasets, budgets=args.budgets, seeds=args.seeds, quick=args.quick,
-                            workers=args.workers, overrides=args.overrides, reuse=args.reuse, lr_multipliers=args.lr_multipliers)
+                            workers=args.workers, overrides=args.overrides, reuse=args.reuse, lr_multipliers=args.lr_multipliers,
+                            cells=parse_cells(args.cells) if args.cells else None)
     print(table)
     return 0
 
@@ -267,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--budgets", nargs="+", default=["steps", "epochs"], help="equal optimizer steps and/or equal epochs")
     sweep.add_argument("--lr-multipliers", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0],
                        help="the lr grid, x the config's lr x sqrt(B/32) (default: %(default)s)")
+    sweep.add_argument("--cells", nargs="+", metavar="LOSS:B[,B]",
+                       help="run only these cells, e.g. infonce:32,512 gamma:32 (default: infonce:32,128,512 gamma:8,16,32)")
     sweep.add_argument("--seeds", type=int, default=3)
     sweep.add_argument("--workers", type=int, default=2)
     sweep.add_argument("--quick", action="store_true", help="2 learning rates, 2 seeds, 3 steps per run")

@@ -1,8 +1,11 @@
 """The main job and the E2 protocol's run settings: what they train and what they print."""
 
 import json
+import re
 import statistics
 from pathlib import Path
+
+import pytest
 
 from plait.config import load_config
 from plait.experiments.batch_sweep import BUDGETS, cell_settings, scaled_lr
@@ -38,3 +41,12 @@ def test_protocol_settings_equal_steps_and_equal_epochs():
     _, config = _settings("epochs", 512)
     assert config.optim.steps is None and config.optim.epochs == BUDGETS["emoji"]["epochs"]
     assert BUDGETS["emoji"]["epochs"] * (2800 // 512) >= 500  # the largest batch takes at least 500 steps
+
+
+def test_cells_option_selects_a_subset_and_names_a_bad_spec():
+    from plait.experiments.batch_sweep import parse_cells
+
+    assert parse_cells(["infonce:512,32", "gamma:32", "infonce:128"]) == {"infonce": (32, 128, 512), "gamma": (32,)}
+    for bad, says in (("gamma", "LOSS:B"), ("sogclr:32", "LOSS:B"), ("gamma:x", "LOSS:B"), ("gamma:64", "not [64]")):
+        with pytest.raises(ValueError, match=f"--cells {re.escape(repr(bad))}.*{re.escape(says)}"):
+            parse_cells([bad])

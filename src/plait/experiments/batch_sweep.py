@@ -59,6 +59,25 @@ COLORS = {("infonce", 32): "#9ecae1", ("infonce", 128): "#4292c6", ("infonce", 5
           ("gamma", 8): "#fcae91", ("gamma", 16): "#fb6a4a", ("gamma", 32): "#a50f15"}
 
 
+def parse_cells(specs) -> dict[str, tuple[int, ...]]:
+    """``["infonce:32,512", "gamma:32"]`` -> ``{"infonce": (32, 512), "gamma": (32,)}``: a subset of
+    ``CELLS`` to run, so the sweep can be run a few cells at a time (``--cells``)."""
+    cells: dict[str, list[int]] = {}
+    for spec in specs:
+        loss, sep, sizes = str(spec).partition(":")
+        try:
+            batch_sizes = [int(b) for b in sizes.split(",")] if sep else []
+        except ValueError:
+            batch_sizes = []
+        if loss not in CELLS or not batch_sizes:
+            raise ValueError(f"--cells {spec!r}: expected LOSS:B[,B...] with LOSS one of {sorted(CELLS)}, e.g. gamma:16,32")
+        unknown = sorted(set(batch_sizes) - set(CELLS[loss]))
+        if unknown:
+            raise ValueError(f"--cells {spec!r}: {loss} is swept at B in {list(CELLS[loss])}, not {unknown}")
+        cells[loss] = sorted(set(cells.get(loss, [])) | set(batch_sizes))
+    return {loss: tuple(sizes) for loss, sizes in cells.items()}
+
+
 def scaled_lr(base_lr: float, batch_size: int) -> float:
     """Square-root scaling from the config's B = 32 learning rate: the grid's centre at B."""
     return base_lr * math.sqrt(batch_size / BASE_BATCH)

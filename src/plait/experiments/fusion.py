@@ -43,7 +43,7 @@ from plait.losses.regularizers import DEFAULT_WEIGHTS
 
 VARIANTS = {"albef": None, "sep": "separation", "br": "bridge", "gc": "consistency"}  # variant -> its regulariser
 TASKS = ("vqa", "reasoning", "entailment")
-LRS = (2.5e-4, 5e-4, 1e-3, 2e-3)  # the pre-training lr grid (configs/fusion.yaml: 5e-4); 2e-3 added: 1e-3 was the edge
+LRS = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)  # the pre-training lr grid (configs/fusion.yaml: 5e-4), widened while the choice sat on its upper edge
 WEIGHT_MULTIPLIERS = (0.5, 1.0, 2.0)  # x the regulariser's default weight
 PRETRAIN_STEPS = 1500
 VALIDATION_FRACTION = 0.1

@@ -49,6 +49,15 @@ def test_forward_signature_puts_logit_scale_third_and_index_keyword_only(cls, in
     assert params[4].default is index_default
 
 
+def test_generalized_loss_takes_logit_scale_third_and_the_rest_keyword_only():
+    params = list(inspect.signature(generalized_contrastive_loss).parameters.values())
+    assert [p.name for p in params[:3]] == ["features_a", "features_b", "logit_scale"]
+    assert params[2].default is None and all(p.kind == P.KEYWORD_ONLY for p in params[3:])
+    a, b = _pairs(7, 5, seed=2)
+    # the full-data loss is full-batch CLIP minus log N (both directions), here at scale 30 by hand
+    assert generalized_contrastive_loss(a, b, 30.0).item() == pytest.approx(_clip_by_hand(a, b, 30.0) - math.log(7), abs=1e-12)
+
+
 @pytest.mark.parametrize("scale", [30.0, 30, torch.tensor(30.0, dtype=torch.float64)])
 def test_positional_logit_scale_matches_open_clip_by_hand(scale):
     a, b = _pairs(7, 5, seed=1)
@@ -147,6 +156,11 @@ def test_mixed_dtypes_compute_in_the_promoted_dtype(mode, swap):
     value = SogCLRLoss(6, mode=mode)(*pair, index=index)
     assert value.dtype == torch.float64
     assert value.item() == pytest.approx(SogCLRLoss(6, mode=mode)(*exact, index=index).item(), abs=1e-13)
+    for estimator in ("ema", "memory"):  # fresh state: the first visit's estimate
+        value = GammaContrastiveLoss(6, estimator=estimator, mode=mode)(*pair, index=index)
+        assert value.dtype == torch.float64
+        reference = GammaContrastiveLoss(6, estimator=estimator, mode=mode)(*exact, index=index)
+        assert value.item() == pytest.approx(reference.item(), abs=1e-13)
     value = generalized_contrastive_loss(*pair, mode=mode)
     assert value.item() == pytest.approx(generalized_loop(*exact, 0.1, mode).item(), abs=1e-12)
 

@@ -26,7 +26,7 @@ def test_exact_estep_full_batch_equals_generalized_loss(mode, anchor_gradient, t
     loss = GammaContrastiveLoss(12, temperature=temperature, estimator="exact", shape=INF, mode=mode, anchor_gradient=anchor_gradient)
     value = loss(a, b, index=torch.arange(12), candidates=(a.detach(), b.detach()))
     grads = torch.autograd.grad(value, (a, b))
-    reference = generalized_contrastive_loss(a, b, temperature, mode=mode)
+    reference = generalized_contrastive_loss(a, b, temperature=temperature, mode=mode)
     ref_grads = torch.autograd.grad(reference, (a, b))
     assert value.item() == pytest.approx(reference.item(), abs=1e-9)
     for got, want in zip(grads, ref_grads):

@@ -26,7 +26,7 @@ def _evaluate(name, a, b, all_a, all_b, index):
     a = a.detach().requires_grad_(True)
     b = b.detach().requires_grad_(True)
     if name == "generalized":
-        value = generalized_contrastive_loss(a, b, 0.01)
+        value = generalized_contrastive_loss(a, b, temperature=0.01)
         return value, torch.autograd.grad(value, (a, b))
     loss = LOSSES[name]()
     options = {} if name.startswith("infonce") else {"index": index}
@@ -71,7 +71,7 @@ def _evaluate_prepared(name, a, b, all_a, all_b, index, prepare, temperature):
     a = a.detach().requires_grad_(True)
     b = b.detach().requires_grad_(True)
     if name == "generalized":
-        value = generalized_contrastive_loss(prepare(a), prepare(b), temperature)
+        value = generalized_contrastive_loss(prepare(a), prepare(b), temperature=temperature)
         return value, torch.autograd.grad(value, (a, b))
     loss = LOSSES[name](temperature)
     options = {} if name.startswith("infonce") else {"index": index}

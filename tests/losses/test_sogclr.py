@@ -19,7 +19,7 @@ def test_first_full_batch_equals_generalized_loss(mode):
     a.requires_grad_(True)
     b.requires_grad_(True)
     value = SogCLRLoss(9, temperature=0.2, mode=mode)(a, b, index=torch.arange(9))
-    reference = generalized_contrastive_loss(a, b, 0.2, mode=mode)
+    reference = generalized_contrastive_loss(a, b, temperature=0.2, mode=mode)
     assert value.item() == pytest.approx(reference.item(), abs=1e-9)
     for got, want in zip(torch.autograd.grad(value, (a, b)), torch.autograd.grad(reference, (a, b))):
         torch.testing.assert_close(got, want, atol=1e-9, rtol=0)

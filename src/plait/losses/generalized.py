@@ -12,14 +12,16 @@ from plait.losses._inputs import check_mode, check_temperature, prepare_pair, re
 def generalized_contrastive_loss(
     features_a: Tensor,
     features_b: Tensor,
+    logit_scale: Tensor | float | None = None,
+    *,
     temperature: float = 0.1,
     mode: str = "bimodal",
     normalize: bool = True,
-    logit_scale: Tensor | float | None = None,
 ) -> Tensor:
     """Full-data loss that the decomposable loss optimises without bias (DESIGN.md section 1).
 
-    ``features_a``, ``features_b`` (N, d) hold the *whole dataset*; with s_ij = scale * <a_i, b_j>::
+    ``features_a``, ``features_b`` (N, d) hold the *whole dataset*; with s_ij = scale * <a_i, b_j>
+    (``logit_scale``, third positional as in every plait loss, else 1 / ``temperature``)::
 
         l_i = -s_ii + log Z_i,     Z_i = 1/N sum_j exp(s_ij)       (bimodal, both directions averaged)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 
 import numpy as np
 import torch
@@ -34,6 +35,14 @@ def select_device(name: str = "auto") -> torch.device:
     if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ValueError(f"train.device={name!r} but MPS is not available on this machine")
     return device
+
+
+def progress_bar(total: int, enabled: bool = True, **options):
+    """A tqdm bar on stderr, drawn only when ``enabled`` and stderr is a terminal: in a log file or
+    a pipe a bar writes thousands of ``\\r`` lines."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not (enabled and sys.stderr.isatty()), file=sys.stderr, **options)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

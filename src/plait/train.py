@@ -915,12 +915,11 @@ class Trainer:
 
     def train_until(self, total_steps: int) -> None:
         """The training loop alone, up to ``total_steps`` steps in all."""
-        from tqdm import tqdm
+        from plait.runtime import progress_bar
 
         config = self.config
-        # a progress bar only on a terminal (rank 0's): in a log file or a pipe it writes thousands of \r lines
-        bar = tqdm(total=total_steps, initial=self.step, disable=not (config.train.progress and sys.stderr.isatty() and self.is_main),
-                   desc=config.name, unit="step", dynamic_ncols=True)
+        bar = progress_bar(total_steps, config.train.progress and self.is_main, initial=self.step,  # rank 0's, on a terminal
+                           desc=config.name, unit="step", dynamic_ncols=True)
         try:
             self._loop(total_steps, bar)
         finally:  # a fault or an interrupt leaves no half-drawn bar behind

@@ -225,9 +225,9 @@ def run_gradient_bias(config: GradientBiasConfig, out_dir: str | Path, workers: 
 
 
 def _map(jobs: list, workers: int, progress: bool) -> list[dict]:
-    from tqdm import tqdm
+    from plait.runtime import progress_bar
 
-    bar = tqdm(total=len(jobs), desc="gradient-bias runs", disable=not progress, leave=False)
+    bar = progress_bar(len(jobs), progress, desc="gradient-bias runs", leave=False)
     results = []
     if workers <= 1:
         for job in jobs:

@@ -126,3 +126,22 @@ def test_finetune_refuses_a_backbone_pretrained_on_other_splits_and_grad_clip_ze
     a = finetune(fusion_run / "model.safetensors", "entailment", [f"output_dir={tmp_path}/a", "max_steps=3", "batch_size=16",
                                                                   "grad_clip=0", "task_options={per_image: 0.2}"])
     assert a["steps"] == 3 and json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])["loss"] > 0
+
+
+def test_pretrain_then_finetune_then_report_through_the_cli(tmp_path, capsys):
+    """``plait train fusion`` -> ``plait finetune WEIGHTS --task reasoning`` -> ``plait report``, end to
+    end through ``main``: exit codes 0, the printed JSON equals finetune.json, the report lists it."""
+    run = tmp_path / "pre"
+    assert main(["train", "fusion", f"output_dir={run}", *SMALL, "optim.max_steps=3"]) == 0
+    assert (run / "model.safetensors").is_file()
+    capsys.readouterr()
+    tuned = run / "finetune-reasoning"
+    assert main(["finetune", str(run / "model.safetensors"), "--task", "reasoning", f"output_dir={tuned}",
+                 "max_steps=2", "batch_size=16", "task_options={pairs: 200}"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((tuned / "finetune.json").read_text())
+    assert printed == saved["metrics"] and saved["steps"] == 2 and saved["num_classes"] == 2
+    assert 0.0 <= printed["test_accuracy"] <= 1.0
+    assert main(["report", str(run)]) == 0
+    row = f"| reasoning | 2 | {100 * saved['metrics']['validation_accuracy']:.1f} | {100 * printed['test_accuracy']:.1f} |"
+    assert "## Fine-tuning" in (run / "report.md").read_text() and row in (run / "report.md").read_text()

@@ -20,6 +20,9 @@ def _pairs(n, d, seed=0, dtype=torch.float64):
 @pytest.mark.parametrize("anchor_gradient", ["table", "batch"])
 @pytest.mark.parametrize("temperature", [0.1, 0.5])
 def test_exact_estep_full_batch_equals_generalized_loss(mode, anchor_gradient, temperature):
+    """B = N: every table row is a batch row, masked and recomputed from the batch, so this checks the
+    batch path alone (garbage candidates give the same value, asserted). The table path is checked by
+    test_exact_table_is_read_for_a_partial_batch and the enumeration over every batch below."""
     a, b = _pairs(12, 5)
     a.requires_grad_(True)
     b.requires_grad_(True)
@@ -31,6 +34,8 @@ def test_exact_estep_full_batch_equals_generalized_loss(mode, anchor_gradient, t
     assert value.item() == pytest.approx(reference.item(), abs=1e-9)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    garbage = (torch.randn_like(a), torch.randn_like(b))
+    assert loss(a, b, index=torch.arange(12), candidates=garbage).item() == pytest.approx(value.item(), abs=1e-12)
 
 
 def test_batch_estimate_weights_positive_one_over_n():

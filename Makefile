@@ -20,13 +20,24 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/loss_memory.py
 	$(BIN)/python benchmarks/trainer_throughput.py
 	$(BIN)/python benchmarks/trainer_throughput.py --config uci
+	$(BIN)/python benchmarks/distributed_throughput.py
+	$(BIN)/python benchmarks/distributed_throughput.py --steps 60 data.batch_size=256
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/memory_growth.py
 
+# Every experiment of README, with the commands README shows (hours on 2 cores; each is resumable
+# with --reuse, so an interrupted `make experiments` picks up where it stopped).
 experiments: $(VENV)/.installed
 	$(BIN)/plait experiment gradient-bias --out runs/gradient-bias
-	$(BIN)/plait experiment batch-sweep --out runs/batch-sweep
+	$(BIN)/plait experiment gamma-ablation --out runs/gamma-ablation --reuse
+	$(BIN)/plait experiment batch-sweep --datasets emoji --budgets steps --out runs/batch-sweep/emoji-steps --reuse
+	$(BIN)/plait experiment batch-sweep --datasets emoji --budgets epochs --out runs/batch-sweep/emoji-epochs --reuse
+	$(BIN)/plait experiment batch-sweep --datasets uci --budgets steps epochs --lr-multipliers 0.5 1 2 --out runs/batch-sweep/uci --reuse
+	$(BIN)/plait experiment batch-sweep --datasets glyphs --budgets steps --out runs/batch-sweep/glyphs-steps --reuse
 	$(BIN)/plait experiment information-gap --out runs/information-gap
 	$(BIN)/plait experiment regularizers --sweep-weights --out runs/reg-weights
 	$(BIN)/plait experiment regularizers --out runs/regularizers
+	$(BIN)/plait experiment task-baselines
+	$(BIN)/plait experiment fusion --out runs/fusion-tuned --seeds 3 --workers 2 --reuse
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)

@@ -48,3 +48,19 @@ def test_gap_table_reports_the_excess_against_the_bound():
     assert f"| 2 | {2 * math.log(2):.3f} | 0.050 (99.0) |" in table
     # excess over the raw pair (0.05): probing [z_a, z_b] 1.5 - 0.05, probing z_b 1.6 - 0.05
     assert "| 1.450 | 1.550 |\n" in table
+
+
+def test_main_job_table_tests_each_difference_against_the_seed_noise():
+    from plait.experiments.small_batch import comparison_table
+
+    def cell(values):
+        return [{"metrics": {"text_retrieval_recall@1": v / 100, "image_retrieval_recall@1": 0.1, "text_retrieval_recall@5": 0.2}}
+                for v in values]
+
+    table = comparison_table({("gamma", 32): cell([8.0, 9.0, 10.0]), ("infonce", 32): cell([7.0, 7.5, 8.0, 8.5]),
+                              ("infonce", 128): cell([18.0, 19.0, 20.0])})
+    # +1.25 with standard error sqrt(1/3 + 5/48) = 0.66 (test_stats checks Welch's p by hand)
+    assert "- gamma B=32 minus infonce B=32, image->text R@1: +1.2 points +- 0.7 (standard error), Welch p = " in table
+    assert "within the seed noise; about 4 seeds per cell would resolve" in table
+    assert "- gamma B=32 minus infonce B=128, image->text R@1: -10.0 points +- 0.8 (standard error)" in table
+    assert table.count("beyond the seed noise") == 1

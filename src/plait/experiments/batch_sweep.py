@@ -32,6 +32,7 @@ from pathlib import Path
 
 from plait.atomic import atomic_write_text
 from plait.experiments._runs import run_many
+from plait.experiments._stats import difference, mean_std
 
 CELLS: dict[str, tuple[int, ...]] = {"infonce": (32, 128, 512), "gamma": (8, 16, 32)}
 LR_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0)
@@ -198,12 +199,8 @@ def _chosen_cells(result: dict) -> dict[tuple, list[dict]]:
     return cells
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _fmt(values: list[float]) -> str:
-    mean, std = _mean_std(values)
+    mean, std = mean_std(values)
     return f"{mean:.1f} +- {std:.1f}"
 
 
@@ -236,11 +233,13 @@ def summary_table(result: dict) -> str:
             lines.append("")
             for (g, i, margin) in TARGETS:
                 if g in mine and i in mine:
-                    gm = statistics.fmean(100 * r["metrics"][spec["metric"]] for r in mine[g])
-                    im = statistics.fmean(100 * r["metrics"][spec["metric"]] for r in mine[i])
-                    verdict = "met" if gm - im >= margin else "missed"
-                    lines.append(f"- gamma B={g[1]} minus InfoNCE B={i[1]}: {gm - im:+.1f} points "
-                                 f"(target >= {margin:+.1f}: {verdict})")
+                    gv = [100 * r["metrics"][spec["metric"]] for r in mine[g]]
+                    iv = [100 * r["metrics"][spec["metric"]] for r in mine[i]]
+                    delta = statistics.fmean(gv) - statistics.fmean(iv)
+                    verdict = "met" if delta >= margin else "missed"
+                    noise = f", standard error {difference(gv, iv).standard_error:.1f}" if min(len(gv), len(iv)) > 1 else ""
+                    lines.append(f"- gamma B={g[1]} minus InfoNCE B={i[1]}: {delta:+.1f} points "
+                                 f"(target >= {margin:+.1f}: {verdict}){noise}")
             lines.append("")
     return "\n".join(lines)
 

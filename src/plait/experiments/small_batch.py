@@ -6,16 +6,16 @@ and at a 4x larger one, by the fair protocol of E2 reduced to fit in minutes.
 Every run gets the same number of optimizer steps (E2's emoji budget), the learning rate its cell
 was given by E2's validation-split tuning (``TUNED_LR_MULTIPLIER``, from
 ``plait experiment batch-sweep --datasets emoji --budgets steps``), and ``SEEDS`` seeds; the
-table shows the test split's R@1 as mean +- std over seeds and each difference against its spread.
+table shows the test split's R@1 as mean +- std over seeds and each difference with Welch's test.
 """
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 from plait.atomic import atomic_write_text
 from plait.experiments._runs import run_many
+from plait.experiments._stats import difference, mean_std
 from plait.experiments.batch_sweep import BUDGETS, cell_settings, fit_size
 
 RUNS = (("gamma", 32), ("infonce", 32), ("infonce", 128))
@@ -63,28 +63,26 @@ def run_small_batch(out_dir: str | Path, quick: bool = False, overrides=(), work
     return table
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def comparison_table(cells: dict[tuple, list[dict]]) -> str:
     """One row per (loss, B): each metric as mean +- std over seeds (%), then the gamma cell's
-    difference to each InfoNCE cell on the first metric, against the larger of the two spreads."""
+    difference to each InfoNCE cell on the first metric, with its standard error and Welch's test
+    (``_stats.difference``)."""
     lines = ["| loss | B | " + " | ".join(LABELS[k] for k in KEYS) + " | seeds |", "|---|---|" + "---|" * len(KEYS) + "---|"]
     for (loss, b) in RUNS:
         runs = cells.get((loss, b), [])
         if not runs:
             continue
-        stats = ["{:.1f} +- {:.1f}".format(*_mean_std([100 * r["metrics"][k] for r in runs])) for k in KEYS]
+        stats = ["{:.1f} +- {:.1f}".format(*mean_std([100 * r["metrics"][k] for r in runs])) for k in KEYS]
         lines.append(f"| {loss} | {b} | " + " | ".join(stats) + f" | {len(runs)} |")
     gamma = cells.get(RUNS[0])
     lines.append("")
     for other in RUNS[1:]:
         if gamma and cells.get(other):
-            g = _mean_std([100 * r["metrics"][KEYS[0]] for r in gamma])
-            o = _mean_std([100 * r["metrics"][KEYS[0]] for r in cells[other]])
-            spread = max(g[1], o[1])
-            beyond = "beyond" if abs(g[0] - o[0]) > spread else "within"
-            lines.append(f"- gamma B={RUNS[0][1]} minus {other[0]} B={other[1]}: {g[0] - o[0]:+.1f} points of {LABELS[KEYS[0]]} "
-                         f"({beyond} the seed spread of {spread:.1f})")
+            g = [100 * r["metrics"][KEYS[0]] for r in gamma]
+            o = [100 * r["metrics"][KEYS[0]] for r in cells[other]]
+            head = f"- gamma B={RUNS[0][1]} minus {other[0]} B={other[1]}, {LABELS[KEYS[0]]}: "
+            if min(len(g), len(o)) < 2:
+                lines.append(head + f"{mean_std(g)[0] - mean_std(o)[0]:+.1f} points (one seed: no test)")
+            else:
+                lines.append(head + difference(g, o).describe())
     return "\n".join(lines)

@@ -146,7 +146,7 @@ def _experiment_batch_sweep(args: argparse.Namespace) -> int:
 
     table = run_batch_sweep(args.out, datasets=args.datasets, budgets=args.budgets, seeds=args.seeds, quick=args.quick,
                             workers=args.workers, overrides=args.overrides, reuse=args.reuse, lr_multipliers=args.lr_multipliers,
-                            cells=parse_cells(args.cells) if args.cells else None)
+                            cells=parse_cells(args.cells) if args.cells else None, max_extensions=args.max_extensions)
     print(table)
     return 0
 
@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the lr grid, x the config's lr x sqrt(B/32) (default: %(default)s)")
     sweep.add_argument("--cells", nargs="+", metavar="LOSS:B[,B]",
                        help="run only these cells, e.g. infonce:32,512 gamma:32 (default: infonce:32,128,512 gamma:8,16,32)")
+    sweep.add_argument("--max-extensions", type=int, default=2, metavar="N",
+                       help="grid steps past the grid's edge a cell's lr search may take when its best lr is an edge (default: 2; 0: none)")
     sweep.add_argument("--seeds", type=int, default=3)
     sweep.add_argument("--workers", type=int, default=2)
     sweep.add_argument("--quick", action="store_true", help="2 learning rates, 2 seeds, 3 steps per run")

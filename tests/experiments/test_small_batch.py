@@ -1,6 +1,7 @@
 """The main job and the E2 protocol's run settings: what they train and what they print."""
 
 import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -50,3 +51,42 @@ def test_cells_option_selects_a_subset_and_names_a_bad_spec():
     for bad, says in (("gamma", "LOSS:B"), ("sogclr:32", "LOSS:B"), ("gamma:x", "LOSS:B"), ("gamma:64", "not [64]")):
         with pytest.raises(ValueError, match=f"--cells {re.escape(repr(bad))}.*{re.escape(says)}"):
             parse_cells([bad])
+
+
+def test_sweep_widens_the_lr_grid_past_an_edge_until_the_choice_is_bracketed(tmp_path, monkeypatch):
+    """The protocol's logic with the training replaced by a validation score that peaks at lr x4 for
+    InfoNCE B=32 and halfway (in log lr) between x0.5 and x1 for gamma B=32: the first is widened to
+    4 (chosen) and 8 (worse); the second stays inside the grid, its tie going to the lower lr, 0.5;
+    seeds 1-2 run at the choice."""
+    import plait.experiments.batch_sweep as sweep
+
+    peak = {("infonce", 32): 4.0, ("gamma", 32): 2**-0.5}
+    launched = []
+
+    def fake_run_many(jobs, workers, reuse=False):
+        runs = []
+        for _, settings, tags in jobs:
+            launched.append((tags["loss"], tags["lr_multiplier"], tags["seed"]))
+            run_dir = next(s.split("=", 1)[1] for s in settings if s.startswith("output_dir="))
+            runs.append({**tags, "run_dir": run_dir, "metrics": {"text_retrieval_recall@1": 0.1, "image_retrieval_recall@1": 0.1}})
+        return runs
+
+    def fake_score(run_dir, metric):
+        loss, b, lr = Path(run_dir).name.split("-")[:3]
+        distance = abs(math.log2(float(lr[2:])) - math.log2(peak[(loss, int(b[1:]))]))
+        return 0.5 - 0.01 * distance
+
+    monkeypatch.setattr(sweep, "run_many", fake_run_many)
+    monkeypatch.setattr(sweep, "_validation_score", fake_score)
+    monkeypatch.setattr(sweep, "fit_size", lambda dataset, overrides: 2800)
+    monkeypatch.setattr(sweep, "plot_curves", lambda *args: None)
+    table = sweep.run_batch_sweep(tmp_path, datasets=("emoji",), budgets=("steps",), workers=1,
+                                  cells={"infonce": (32,), "gamma": (32,)})
+    tried = lambda loss: sorted(m for l, m, s in launched if l == loss and s == 0)  # noqa: E731
+    assert tried("infonce") == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+    assert tried("gamma") == [0.25, 0.5, 1.0, 2.0]
+    assert sorted((l, m) for l, m, s in launched if s > 0) == [("gamma", 0.5)] * 2 + [("infonce", 4.0)] * 2
+    assert "- infonce B=32: lr tried 0.25, 0.5, 1, 2, 4, 8 (grid widened to 4, 8; bracketed)" in table
+    assert "gamma B=32: lr tried" not in table  # inside the grid: no note
+    with pytest.raises(ValueError, match="--max-extensions=-1 must be 0 or more"):
+        sweep.run_batch_sweep(tmp_path, datasets=("emoji",), budgets=("steps",), max_extensions=-1)

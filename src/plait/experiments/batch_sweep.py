@@ -9,7 +9,9 @@ at B in {8, 16, 32} (``CELLS``) -- the protocol is:
 1. **Tune**: one run (seed 0) per learning rate of the grid ``lr_multipliers`` x the dataset's
    base lr x sqrt(B / 32), trained on the fit part of the training split and scored on the
    validation split carved from it (``data.validation_fraction``; the test split is never
-   looked at while choosing). The best validation score picks the cell's lr.
+   looked at while choosing). The best validation score picks the cell's lr. If it is the lowest
+   or highest lr tried, one more run a grid step past that edge (x0.5 or x2) follows, up to
+   ``MAX_EXTENSIONS`` times, so that the chosen lr is bracketed by worse ones.
 2. **Seeds**: seeds 1 and 2 at the chosen lr; with the tuning run of seed 0 that is 3 seeds.
    Every run also evaluates the test split at its end, which is what the table reports.
 3. **Budgets**, reported side by side: ``steps`` gives every run the same number of optimizer
@@ -36,6 +38,7 @@ from plait.experiments._stats import difference, mean_std
 
 CELLS: dict[str, tuple[int, ...]] = {"infonce": (32, 128, 512), "gamma": (8, 16, 32)}
 LR_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0)
+MAX_EXTENSIONS = 2  # grid steps a cell's lr search may go past the grid's edge
 BASE_BATCH = 32
 SEEDS = 3
 VALIDATION_FRACTION = 0.1
@@ -131,8 +134,11 @@ def fit_size(dataset: str, overrides) -> int:
 
 def run_batch_sweep(out_dir, datasets=("emoji", "uci", "glyphs"), budgets=("steps", "epochs"), seeds: int = SEEDS,
                     quick: bool = False, workers: int = 2, overrides=(), reuse: bool = False, cells=None,
-                    lr_multipliers=LR_MULTIPLIERS) -> str:
-    """Tune, then run the seeds, for every dataset x budget x cell; write and return the table."""
+                    lr_multipliers=LR_MULTIPLIERS, max_extensions: int = MAX_EXTENSIONS) -> str:
+    """Tune, then run the seeds, for every dataset x budget x cell; write and return the table.
+
+    A cell whose best lr is an edge of the grid gets one more tuning run a grid step past that edge
+    (x0.5 or x2), up to ``max_extensions`` times, so every chosen lr is bracketed by worse ones."""
     from plait.config import load_config
 
     out = Path(out_dir)
@@ -141,6 +147,8 @@ def run_batch_sweep(out_dir, datasets=("emoji", "uci", "glyphs"), budgets=("step
     if unknown:
         raise ValueError(f"unknown batch-sweep dataset or budget {unknown}; datasets: {sorted(DATASETS)}, budgets: steps, epochs")
     cells = cells or CELLS
+    if max_extensions < 0:
+        raise ValueError(f"--max-extensions={max_extensions} must be 0 or more")
     multipliers = tuple(lr_multipliers)[:2] if quick else tuple(lr_multipliers)
     seeds = 2 if quick else seeds
     started = time.perf_counter()
@@ -160,12 +168,18 @@ def run_batch_sweep(out_dir, datasets=("emoji", "uci", "glyphs"), budgets=("step
             tuning = [job(loss, b, m, 0) for loss, sizes in cells.items() for b in sizes for m in multipliers]
             tuning.sort(key=lambda j: -j[2]["batch_size"])  # the longest runs first
             tuned = run_many(tuning, workers, reuse=reuse)
-            chosen = {}
             for run in tuned:
                 run["validation"] = _validation_score(Path(run["run_dir"]), spec["metric"])
-                key = (run["loss"], run["batch_size"])
-                if key not in chosen or run["validation"] > chosen[key]["validation"]:
-                    chosen[key] = run
+            chosen = _choose(tuned)
+            for _ in range(max_extensions if not quick else 0):
+                extra = [job(loss, b, m, 0) for (loss, b), m in _edge_extensions(tuned, chosen).items()]
+                if not extra:
+                    break
+                more = run_many(extra, workers, reuse=reuse)
+                for run in more:
+                    run["validation"] = _validation_score(Path(run["run_dir"]), spec["metric"])
+                tuned += more
+                chosen = _choose(tuned)
             seeded = [job(loss, b, chosen[(loss, b)]["lr_multiplier"], s) for (loss, b) in chosen for s in range(1, seeds)]
             seeded.sort(key=lambda j: -j[2]["batch_size"])
             finals = run_many(seeded, workers, reuse=reuse)
@@ -180,6 +194,33 @@ def run_batch_sweep(out_dir, datasets=("emoji", "uci", "glyphs"), budgets=("step
     table = summary_table(result)
     atomic_write_text(out / "table.md", table)
     return table
+
+
+def _choose(tuned: list[dict]) -> dict[tuple, dict]:
+    """Each cell's tuning run with the best validation score (ties, common with R@1 on a few hundred
+    items: the lower lr; runs finish in any order, so the order of ``tuned`` must not decide)."""
+    chosen: dict[tuple, dict] = {}
+    for run in tuned:
+        key = (run["loss"], run["batch_size"])
+        best = chosen.get(key)
+        if best is None or (run["validation"], -run["lr_multiplier"]) > (best["validation"], -best["lr_multiplier"]):
+            chosen[key] = run
+    return chosen
+
+
+def _edge_extensions(tuned: list[dict], chosen: dict[tuple, dict]) -> dict[tuple, float]:
+    """The next multiplier (x0.5 below, x2 above) for every cell whose chosen lr is the lowest or
+    the highest it was tried at: the grid is widened until the choice is inside it."""
+    extra = {}
+    for key, run in chosen.items():
+        tried = sorted({r["lr_multiplier"] for r in tuned if (r["loss"], r["batch_size"]) == key})
+        if len(tried) < 2:
+            continue
+        if run["lr_multiplier"] == tried[0]:
+            extra[key] = tried[0] / 2
+        elif run["lr_multiplier"] == tried[-1]:
+            extra[key] = tried[-1] * 2
+    return extra
 
 
 def _ensure_glyphs(config) -> None:
@@ -231,6 +272,7 @@ def summary_table(result: dict) -> str:
                 lines.append(f"| {loss} | {b} | {runs[0]['lr_multiplier']:g} | {_fmt([100 * r['validation'] for r in runs])} | "
                              + " | ".join(tests) + f" | {len(runs)} |")
             lines.append("")
+            lines += _grid_notes(result, dataset, budget, mine)
             for (g, i, margin) in TARGETS:
                 if g in mine and i in mine:
                     gv = [100 * r["metrics"][spec["metric"]] for r in mine[g]]
@@ -242,6 +284,22 @@ def summary_table(result: dict) -> str:
                                  f"(target >= {margin:+.1f}: {verdict}){noise}")
             lines.append("")
     return "\n".join(lines)
+
+
+def _grid_notes(result: dict, dataset: str, budget: str, mine: dict) -> list[str]:
+    """Which cells' lr search went past the grid, and which choices still sit on an edge of it."""
+    base = set(result.get("lr_multipliers", LR_MULTIPLIERS))
+    notes = []
+    for (loss, b), runs in sorted(mine.items(), key=lambda c: (c[0][0] != "infonce", c[0][1])):
+        tried = sorted({r["lr_multiplier"] for r in result["runs"] if r["seed"] == 0 and
+                        (r["dataset"], r["budget"], r["loss"], r["batch_size"]) == (dataset, budget, loss, b)})
+        extended = [m for m in tried if m not in base]
+        edge = len(tried) > 1 and runs[0]["lr_multiplier"] in (tried[0], tried[-1])
+        if extended or edge:
+            what = f"grid widened to {', '.join(f'{m:g}' for m in extended)}" if extended else ""
+            what += ("; " if what else "") + ("the choice is still the edge of what was tried" if edge else "bracketed")
+            notes.append(f"- {loss} B={b}: lr tried {', '.join(f'{m:g}' for m in tried)} ({what})")
+    return notes
 
 
 def plot_curves(runs: list[dict], dataset: str, budget: str, path: Path) -> None:

@@ -31,7 +31,8 @@ experiments: $(VENV)/.installed
 	$(BIN)/plait experiment gamma-ablation --out runs/gamma-ablation --reuse
 	$(BIN)/plait experiment batch-sweep --datasets emoji --budgets steps --out runs/batch-sweep/emoji-steps --reuse
 	$(BIN)/plait experiment batch-sweep --datasets emoji --budgets epochs --out runs/batch-sweep/emoji-epochs --reuse
-	$(BIN)/plait experiment batch-sweep --datasets uci --budgets steps epochs --lr-multipliers 0.5 1 2 --out runs/batch-sweep/uci --reuse
+	$(BIN)/plait experiment batch-sweep --datasets uci --budgets steps --lr-multipliers 0.5 1 2 --out runs/batch-sweep/uci-steps --reuse
+	$(BIN)/plait experiment batch-sweep --datasets uci --budgets epochs --lr-multipliers 0.5 1 2 --out runs/batch-sweep/uci-epochs --reuse
 	$(BIN)/plait experiment batch-sweep --datasets glyphs --budgets steps --out runs/batch-sweep/glyphs-steps --reuse
 	$(BIN)/plait experiment information-gap --out runs/information-gap
 	$(BIN)/plait experiment regularizers --sweep-weights --out runs/reg-weights

@@ -23,8 +23,13 @@ def test_welch_difference_by_hand():
     from scipy import stats
 
     assert d.p_value == pytest.approx(2 * stats.t.sf(1.25 / math.sqrt(21 / 48), df))
-    assert d.seeds_for_2se == pytest.approx(4 * (1 + 5 / 12) / 1.25**2)
-    assert not d.resolved and "within the seed noise; about 4 seeds per cell" in d.describe()
+    # the fewest equal seed counts with p < 0.05 at these spreads, by hand: n = 5 gives p = 0.052, n = 6 p = 0.031
+    for n, resolved in ((5, False), (6, True)):
+        se_n = math.sqrt((1 + 5 / 12) / n)
+        df_n = (1 + 5 / 12) ** 2 * (n - 1) / (1 + (5 / 12) ** 2)
+        assert bool(2 * stats.t.sf(1.25 / se_n, df_n) < 0.05) == resolved
+    assert d.seeds_needed == 6
+    assert not d.resolved and "within the seed noise; about 6 seeds per cell" in d.describe()
 
 
 def test_a_large_difference_is_resolved_and_too_few_seeds_refused():

@@ -17,13 +17,14 @@ def mean_std(values) -> tuple[float, float]:
 @dataclass(frozen=True)
 class Difference:
     """mean(a) - mean(b) over seeds; ``standard_error`` = sqrt(s_a^2 / n_a + s_b^2 / n_b);
-    ``p_value`` of Welch's two-sided t-test (unequal variances); ``seeds_for_2se``: the seeds per
-    cell at which a difference this large, with these spreads, would be 2 standard errors."""
+    ``p_value`` of Welch's two-sided t-test (unequal variances); ``seeds_needed``: the fewest seeds
+    per cell (both cells alike) at which a difference this large, with these spreads, would give
+    Welch p < 0.05 (inf beyond 1,000 or for no difference)."""
 
     delta: float
     standard_error: float
     p_value: float
-    seeds_for_2se: float
+    seeds_needed: float
 
     @property
     def resolved(self) -> bool:
@@ -33,8 +34,8 @@ class Difference:
     def describe(self) -> str:
         verdict = "beyond" if self.resolved else "within"
         text = f"{self.delta:+.1f} points +- {self.standard_error:.1f} (standard error), Welch p = {self.p_value:.2g}: {verdict} the seed noise"
-        if not self.resolved and math.isfinite(self.seeds_for_2se):
-            text += f"; about {math.ceil(self.seeds_for_2se)} seeds per cell would resolve a difference this size"
+        if not self.resolved and math.isfinite(self.seeds_needed):
+            text += f"; about {int(self.seeds_needed)} seeds per cell would resolve a difference this size"
         return text
 
 
@@ -52,5 +53,21 @@ def difference(a, b) -> Difference:
         p = 1.0 if delta == 0.0 else 0.0
     else:
         p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    seeds = 4 * (sa**2 + sb**2) / delta**2 if delta != 0.0 else math.inf
-    return Difference(delta, se, p, seeds)
+    return Difference(delta, se, p, _seeds_needed(delta, sa**2, sb**2))
+
+
+def _seeds_needed(delta: float, var_a: float, var_b: float, alpha: float = 0.05, most: int = 1000) -> float:
+    """Fewest n (per cell) with Welch p < alpha for ``delta`` at these variances: t = delta / se,
+    se^2 = (var_a + var_b) / n, Welch-Satterthwaite df = (var_a + var_b)^2 (n - 1) / (var_a^2 + var_b^2)."""
+    from scipy import stats
+
+    total = var_a + var_b
+    if delta == 0.0:
+        return math.inf
+    if total == 0.0:
+        return 2.0
+    for n in range(2, most + 1):
+        df = total**2 * (n - 1) / (var_a**2 + var_b**2)
+        if 2 * stats.t.sf(abs(delta) / math.sqrt(total / n), df) < alpha:
+            return float(n)
+    return math.inf

@@ -20,7 +20,7 @@ from plait.experiments.batch_sweep import BUDGETS, cell_settings, fit_size
 
 RUNS = (("gamma", 32), ("infonce", 32), ("infonce", 128))
 # lr multiplier (x the config's lr x sqrt(B/32)) that E2's tuning chose for each cell, equal steps.
-TUNED_LR_MULTIPLIER = {("gamma", 32): 0.25, ("infonce", 32): 0.25, ("infonce", 128): 0.5}
+TUNED_LR_MULTIPLIER = {("gamma", 32): 0.125, ("infonce", 32): 0.25, ("infonce", 128): 0.5}
 SEEDS = 3
 KEYS = ("text_retrieval_recall@1", "image_retrieval_recall@1", "text_retrieval_recall@5")
 LABELS = {"text_retrieval_recall@1": "image->text R@1", "image_retrieval_recall@1": "text->image R@1",

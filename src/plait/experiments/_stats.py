@@ -59,6 +59,7 @@ def difference(a, b) -> Difference:
 def _seeds_needed(delta: float, var_a: float, var_b: float, alpha: float = 0.05, most: int = 1000) -> float:
     """Fewest n (per cell) with Welch p < alpha for ``delta`` at these variances: t = delta / se,
     se^2 = (var_a + var_b) / n, Welch-Satterthwaite df = (var_a + var_b)^2 (n - 1) / (var_a^2 + var_b^2)."""
+    import numpy as np
     from scipy import stats
 
     total = var_a + var_b
@@ -66,8 +67,7 @@ def _seeds_needed(delta: float, var_a: float, var_b: float, alpha: float = 0.05,
         return math.inf
     if total == 0.0:
         return 2.0
-    for n in range(2, most + 1):
-        df = total**2 * (n - 1) / (var_a**2 + var_b**2)
-        if 2 * stats.t.sf(abs(delta) / math.sqrt(total / n), df) < alpha:
-            return float(n)
-    return math.inf
+    n = np.arange(2, most + 1)
+    p = 2 * stats.t.sf(abs(delta) / np.sqrt(total / n), total**2 * (n - 1) / (var_a**2 + var_b**2))
+    resolved = np.flatnonzero(p < alpha)
+    return float(n[resolved[0]]) if resolved.size else math.inf

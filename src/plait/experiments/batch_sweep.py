@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import time
 from pathlib import Path
 
@@ -167,25 +166,24 @@ def run_batch_sweep(out_dir, datasets=("emoji", "uci", "glyphs"), budgets=("step
 
             tuning = [job(loss, b, m, 0) for loss, sizes in cells.items() for b in sizes for m in multipliers]
             tuning.sort(key=lambda j: -j[2]["batch_size"])  # the longest runs first
-            tuned = run_many(tuning, workers, reuse=reuse)
-            for run in tuned:
-                run["validation"] = _validation_score(Path(run["run_dir"]), spec["metric"])
+            def scored(runs):
+                for run in runs:
+                    run["validation"] = _validation_score(Path(run["run_dir"]), spec["metric"])
+                return runs
+
+            tuned = scored(run_many(tuning, workers, reuse=reuse))
             chosen = _choose(tuned)
             for _ in range(max_extensions if not quick else 0):
                 extra = [job(loss, b, m, 0) for (loss, b), m in _edge_extensions(tuned, chosen).items()]
                 if not extra:
                     break
-                more = run_many(extra, workers, reuse=reuse)
-                for run in more:
-                    run["validation"] = _validation_score(Path(run["run_dir"]), spec["metric"])
-                tuned += more
+                tuned += scored(run_many(extra, workers, reuse=reuse))
                 chosen = _choose(tuned)
             seeded = [job(loss, b, chosen[(loss, b)]["lr_multiplier"], s) for (loss, b) in chosen for s in range(1, seeds)]
             seeded.sort(key=lambda j: -j[2]["batch_size"])
-            finals = run_many(seeded, workers, reuse=reuse)
+            finals = scored(run_many(seeded, workers, reuse=reuse))
             for run in tuned + finals:
                 run["chosen"] = run["lr_multiplier"] == chosen[(run["loss"], run["batch_size"])]["lr_multiplier"]
-                run.setdefault("validation", _validation_score(Path(run["run_dir"]), spec["metric"]))
                 results.append(run)
             plot_curves(results, dataset, budget, out / f"curves-{dataset}-{budget}.png")
     result = {"cells": {k: list(v) for k, v in cells.items()}, "lr_multipliers": list(multipliers), "seeds": seeds,
@@ -213,7 +211,7 @@ def _edge_extensions(tuned: list[dict], chosen: dict[tuple, dict]) -> dict[tuple
     the highest it was tried at: the grid is widened until the choice is inside it."""
     extra = {}
     for key, run in chosen.items():
-        tried = sorted({r["lr_multiplier"] for r in tuned if (r["loss"], r["batch_size"]) == key})
+        tried = _tried(tuned, loss=key[0], batch_size=key[1])
         if len(tried) < 2:
             continue
         if run["lr_multiplier"] == tried[0]:
@@ -221,6 +219,11 @@ def _edge_extensions(tuned: list[dict], chosen: dict[tuple, dict]) -> dict[tuple
         elif run["lr_multiplier"] == tried[-1]:
             extra[key] = tried[-1] * 2
     return extra
+
+
+def _tried(runs: list[dict], **cell) -> list[float]:
+    """The lr multipliers the tuning runs (seed 0) of the cell matching ``cell`` were trained at, sorted."""
+    return sorted({r["lr_multiplier"] for r in runs if r["seed"] == 0 and all(r[k] == v for k, v in cell.items())})
 
 
 def _ensure_glyphs(config) -> None:
@@ -277,7 +280,7 @@ def summary_table(result: dict) -> str:
                 if g in mine and i in mine:
                     gv = [100 * r["metrics"][spec["metric"]] for r in mine[g]]
                     iv = [100 * r["metrics"][spec["metric"]] for r in mine[i]]
-                    delta = statistics.fmean(gv) - statistics.fmean(iv)
+                    delta = mean_std(gv)[0] - mean_std(iv)[0]
                     verdict = "met" if delta >= margin else "missed"
                     noise = f", standard error {difference(gv, iv).standard_error:.1f}" if min(len(gv), len(iv)) > 1 else ""
                     lines.append(f"- gamma B={g[1]} minus InfoNCE B={i[1]}: {delta:+.1f} points "
@@ -291,8 +294,7 @@ def _grid_notes(result: dict, dataset: str, budget: str, mine: dict) -> list[str
     base = set(result.get("lr_multipliers", LR_MULTIPLIERS))
     notes = []
     for (loss, b), runs in sorted(mine.items(), key=lambda c: (c[0][0] != "infonce", c[0][1])):
-        tried = sorted({r["lr_multiplier"] for r in result["runs"] if r["seed"] == 0 and
-                        (r["dataset"], r["budget"], r["loss"], r["batch_size"]) == (dataset, budget, loss, b)})
+        tried = _tried(result["runs"], dataset=dataset, budget=budget, loss=loss, batch_size=b)
         extended = [m for m in tried if m not in base]
         edge = len(tried) > 1 and runs[0]["lr_multiplier"] in (tried[0], tried[-1])
         if extended or edge:

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from plait.atomic import atomic_write_text, save_figure
 from plait.experiments._runs import run_many
+from plait.experiments._stats import mean_std
 from plait.losses.regularizers import DEFAULT_WEIGHTS
 
 VARIANTS = {"albef": None, "sep": "separation", "br": "bridge", "gc": "consistency"}  # variant -> its regulariser
@@ -180,8 +181,8 @@ def _grid_entry(record: dict) -> dict:
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.1f} +- {100 * spread:.1f}"
+    mean, spread = mean_std(values)
+    return f"{100 * mean:.1f} +- {100 * spread:.1f}"
 
 
 def run_fusion_experiment(out: str | Path = "runs/fusion-tuned", seeds: int = 3, workers: int = 1, reuse: bool = False,
@@ -320,8 +321,7 @@ def _plot(result: dict, path: Path) -> None:
     width = 0.8 / len(variants)
     for k, variant in enumerate(variants):
         mine = [r for r in rows if r["variant"] == variant]
-        means = [100 * statistics.fmean(r["test"][key] for r in mine) for key, _ in COLUMNS]
-        spreads = [100 * (statistics.stdev([r["test"][key] for r in mine]) if len(mine) > 1 else 0.0) for key, _ in COLUMNS]
+        means, spreads = zip(*(tuple(100 * v for v in mean_std(r["test"][key] for r in mine)) for key, _ in COLUMNS))
         bar_ax.bar([i + k * width for i in range(len(COLUMNS))], means, width, yerr=spreads, color=colors[variant],
                    label=variant, capsize=2)
     bar_ax.set_xticks([i + 0.4 - width / 2 for i in range(len(COLUMNS))], [label.replace(" R@1", "\nR@1") for _, label in COLUMNS])

@@ -12,11 +12,11 @@ snapshot, beside the error of one fresh batch estimate). Writes ``results.json``
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 from plait.atomic import atomic_write_text
 from plait.experiments._runs import run_many
+from plait.experiments._stats import mean_std
 from plait.experiments.batch_sweep import BUDGETS, VALIDATION_FRACTION, fit_size
 
 BATCH = 32
@@ -81,8 +81,8 @@ def run_gamma_ablation(out_dir, seeds: int = 3, workers: int = 2, reuse: bool = 
 def _fmt(values: list[float]) -> str:
     if not values:
         return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.2f} +- {std:.2f}" if max(abs(v) for v in values) < 10 else f"{statistics.fmean(values):.1f} +- {std:.1f}"
+    mean, std = mean_std(values)
+    return f"{mean:.2f} +- {std:.2f}" if max(abs(v) for v in values) < 10 else f"{mean:.1f} +- {std:.1f}"
 
 
 def ablation_table(runs: list[dict], steps: int) -> str:

@@ -30,10 +30,11 @@ experiments: $(VENV)/.installed
 	$(BIN)/plait experiment gradient-bias --out runs/gradient-bias
 	$(BIN)/plait experiment gamma-ablation --out runs/gamma-ablation --reuse
 	$(BIN)/plait experiment batch-sweep --datasets emoji --budgets steps --out runs/batch-sweep/emoji-steps --reuse
-	$(BIN)/plait experiment batch-sweep --datasets emoji --budgets epochs --out runs/batch-sweep/emoji-epochs --reuse
+	$(BIN)/plait experiment batch-sweep --datasets emoji --budgets epochs --cells infonce:32,128,512 gamma:16,32 --out runs/batch-sweep/emoji-epochs --reuse
 	$(BIN)/plait experiment batch-sweep --datasets uci --budgets steps --lr-multipliers 0.5 1 2 --out runs/batch-sweep/uci-steps --reuse
 	$(BIN)/plait experiment batch-sweep --datasets uci --budgets epochs --lr-multipliers 0.5 1 2 --out runs/batch-sweep/uci-epochs --reuse
 	$(BIN)/plait experiment batch-sweep --datasets glyphs --budgets steps --out runs/batch-sweep/glyphs-steps --reuse
+	$(BIN)/plait experiment batch-sweep --datasets glyphs --budgets epochs --cells infonce:32,512 gamma:32 --out runs/batch-sweep/glyphs-epochs --reuse
 	$(BIN)/plait experiment information-gap --out runs/information-gap
 	$(BIN)/plait experiment regularizers --sweep-weights --out runs/reg-weights
 	$(BIN)/plait experiment regularizers --out runs/regularizers

@@ -166,22 +166,17 @@ def run_batch_sweep(out_dir, datasets=("emoji", "uci", "glyphs"), budgets=("step
 
             tuning = [job(loss, b, m, 0) for loss, sizes in cells.items() for b in sizes for m in multipliers]
             tuning.sort(key=lambda j: -j[2]["batch_size"])  # the longest runs first
-            def scored(runs):
-                for run in runs:
-                    run["validation"] = _validation_score(Path(run["run_dir"]), spec["metric"])
-                return runs
-
-            tuned = scored(run_many(tuning, workers, reuse=reuse))
+            tuned = _scored(run_many(tuning, workers, reuse=reuse), spec["metric"])
             chosen = _choose(tuned)
             for _ in range(max_extensions if not quick else 0):
                 extra = [job(loss, b, m, 0) for (loss, b), m in _edge_extensions(tuned, chosen).items()]
                 if not extra:
                     break
-                tuned += scored(run_many(extra, workers, reuse=reuse))
+                tuned += _scored(run_many(extra, workers, reuse=reuse), spec["metric"])
                 chosen = _choose(tuned)
             seeded = [job(loss, b, chosen[(loss, b)]["lr_multiplier"], s) for (loss, b) in chosen for s in range(1, seeds)]
             seeded.sort(key=lambda j: -j[2]["batch_size"])
-            finals = scored(run_many(seeded, workers, reuse=reuse))
+            finals = _scored(run_many(seeded, workers, reuse=reuse), spec["metric"])
             for run in tuned + finals:
                 run["chosen"] = run["lr_multiplier"] == chosen[(run["loss"], run["batch_size"])]["lr_multiplier"]
                 results.append(run)
@@ -219,6 +214,13 @@ def _edge_extensions(tuned: list[dict], chosen: dict[tuple, dict]) -> dict[tuple
         elif run["lr_multiplier"] == tried[-1]:
             extra[key] = tried[-1] * 2
     return extra
+
+
+def _scored(runs: list[dict], metric: str) -> list[dict]:
+    """``runs`` with each one's final validation ``metric`` set as ``run["validation"]``."""
+    for run in runs:
+        run["validation"] = _validation_score(Path(run["run_dir"]), metric)
+    return runs
 
 
 def _tried(runs: list[dict], **cell) -> list[float]:

@@ -84,6 +84,20 @@ def run_resume(rank: int, world: int, port: int, settings: list[str], out: str) 
         distributed.teardown()
 
 
+def run_teardown(rank: int, world: int, port: int, out: str) -> None:
+    """OUT/teardown-rankR.txt: whether the group exists after ``teardown()`` and after
+    ``teardown(finished=True)``."""
+    import torch.distributed as dist
+
+    from plait import distributed
+
+    _join(rank, world, port)
+    distributed.teardown()
+    after_failure = dist.is_initialized()
+    distributed.teardown(finished=True)
+    Path(out, f"teardown-rank{rank}.txt").write_text(f"{after_failure} {dist.is_initialized()}")
+
+
 class FailingMLP(MLPEncoder):
     """An MLP tower that raises (a clear ValueError) at its third training forward on rank 1."""
 

@@ -133,6 +133,24 @@ def test_failing_rank_stops_the_job_with_its_error(tmp_path):
     assert elapsed < 120, f"the job took {elapsed:.0f} s to stop"
 
 
+def test_exit_now_flushes_and_skips_exit_handlers():
+    """A failed worker ends with its own code at once: what it printed (unflushed) arrives, and no
+    atexit handler (nor any C++ destructor of a broken process group) runs after it."""
+    script = ("import atexit, sys\nfrom plait.distributed import exit_now\n"
+              "atexit.register(lambda: print('ATEXIT'))\n"
+              "print('partial', end=''); sys.stderr.write('message')\nexit_now(7)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (7, "partial", "message")
+
+
+def test_teardown_destroys_the_group_only_after_a_finished_run(tmp_path):
+    """After a failure the group is left (destroying it while a peer uses it aborts the process);
+    ``finished=True`` meets at a barrier and destroys it. 2 spawned gloo processes."""
+    mp.spawn(workers.run_teardown, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert (tmp_path / f"teardown-rank{rank}.txt").read_text() == "True False"
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_sampler_shards_are_the_global_batches(world):
     """Rank r reads rows [r B/W, (r+1) B/W) of every global batch, from any resume position."""

@@ -315,6 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; under torchrun a worker that fails ends at once with its exit code
+    (:func:`plait.distributed.exit_now`), so the agent records its own code, not a later abort."""
+    code = _main(argv)
+    from plait.distributed import exit_now, launched
+
+    if code != EXIT_OK and launched():
+        exit_now(code)
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options too (argparse stops a positional list at them)

@@ -80,12 +80,29 @@ def init(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
 
 
 def teardown(finished: bool = False) -> None:
-    """Leave the process group. ``finished``: every rank got here normally, so they first meet at
-    a barrier (gloo aborts a process that destroys its group while a peer still uses it)."""
-    if dist.is_available() and dist.is_initialized():
-        if finished and active():
+    """Leave the process group when ``finished`` (every rank got here normally): the ranks meet at
+    a barrier, then each destroys its group. After a failure the group is left as it is: gloo
+    aborts a process (SIGABRT) that destroys its group while a peer still uses it, and a rank
+    that destroys its group first makes its peers fail before it has exited with its own error.
+    The process ends without destructors instead (:func:`exit_now`, as ``plait`` does)."""
+    if finished and dist.is_available() and dist.is_initialized():
+        if active():
             dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_now(code: int) -> None:
+    """End this worker at once with ``code``: stdout and stderr flushed, no atexit handlers and no
+    C++ destructors (a broken gloo/NCCL group can abort or hang in them). The kernel closes the
+    sockets, so peers see this rank stop only after its message is written and its code set."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)
 
 
 def device_for_rank(device: torch.device) -> torch.device:

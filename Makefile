@@ -34,7 +34,7 @@ experiments: $(VENV)/.installed
 	$(BIN)/plait experiment batch-sweep --datasets uci --budgets steps --lr-multipliers 0.5 1 2 --out runs/batch-sweep/uci-steps --reuse
 	$(BIN)/plait experiment batch-sweep --datasets uci --budgets epochs --lr-multipliers 0.5 1 2 --out runs/batch-sweep/uci-epochs --reuse
 	$(BIN)/plait experiment batch-sweep --datasets glyphs --budgets steps --out runs/batch-sweep/glyphs-steps --reuse
-	$(BIN)/plait experiment batch-sweep --datasets glyphs --budgets epochs --cells infonce:32,512 gamma:32 --out runs/batch-sweep/glyphs-epochs --reuse
+	$(BIN)/plait experiment batch-sweep --datasets glyphs --budgets epochs --cells infonce:32,128,512 gamma:16,32 --out runs/batch-sweep/glyphs-epochs --reuse
 	$(BIN)/plait experiment information-gap --out runs/information-gap
 	$(BIN)/plait experiment regularizers --sweep-weights --out runs/reg-weights
 	$(BIN)/plait experiment regularizers --out runs/regularizers

@@ -50,18 +50,23 @@ def _join(rank: int, world: int, port: int) -> None:
     assert distributed.init("cpu", timeout_s=120)
 
 
-def run_cases(rank: int, world: int, port: int, cases: list[tuple[str, list[str]]], out: str, config_name: str = "uci") -> None:
-    """Every (name, overrides) case under this process group; OUT/NAME-rankR.pt each."""
+def _finish() -> None:
+    """End a worker as ``plait`` ends one under torchrun: leave the group behind a barrier, then
+    :func:`plait.distributed.exit_now` (an interpreter shutdown beside gloo's threads can abort).
+    A worker that raises instead exits through ``mp.spawn``, which reports its traceback."""
     from plait import distributed
 
+    distributed.teardown(finished=True)
+    distributed.exit_now(0)
+
+
+def run_cases(rank: int, world: int, port: int, cases: list[tuple[str, list[str]]], out: str, config_name: str = "uci") -> None:
+    """Every (name, overrides) case under this process group; OUT/NAME-rankR.pt each."""
     _join(rank, world, port)
-    try:
-        for name, overrides in cases:
-            result = train_case([*overrides, f"output_dir={out}/{name}"], config_name=config_name)
-            torch.save(result, f"{out}/{name}-rank{rank}.pt")
-        distributed.teardown(finished=True)
-    finally:
-        distributed.teardown()
+    for name, overrides in cases:
+        result = train_case([*overrides, f"output_dir={out}/{name}"], config_name=config_name)
+        torch.save(result, f"{out}/{name}-rank{rank}.pt")
+    _finish()
 
 
 def run_resume(rank: int, world: int, port: int, settings: list[str], out: str) -> None:
@@ -70,18 +75,15 @@ def run_resume(rank: int, world: int, port: int, settings: list[str], out: str) 
     from plait import distributed
 
     _join(rank, world, port)
-    try:
-        train_case([*settings, "optim.max_steps=3", f"output_dir={out}/two"])
-        distributed.barrier()
-        if rank == 0:
-            shutil.copytree(f"{out}/two", f"{out}/two-copy")
-        distributed.barrier()
-        for name in ("two", "one"):
-            result = train_case([*settings, "optim.max_steps=6", f"output_dir={out}/{name}"], resume=f"{out}/{name}/checkpoint.pt")
-            torch.save(result, f"{out}/resumed-{name}-rank{rank}.pt")
-        distributed.teardown(finished=True)
-    finally:
-        distributed.teardown()
+    train_case([*settings, "optim.max_steps=3", f"output_dir={out}/two"])
+    distributed.barrier()
+    if rank == 0:
+        shutil.copytree(f"{out}/two", f"{out}/two-copy")
+    distributed.barrier()
+    for name in ("two", "one"):
+        result = train_case([*settings, "optim.max_steps=6", f"output_dir={out}/{name}"], resume=f"{out}/{name}/checkpoint.pt")
+        torch.save(result, f"{out}/resumed-{name}-rank{rank}.pt")
+    _finish()
 
 
 def run_teardown(rank: int, world: int, port: int, out: str) -> None:
@@ -96,6 +98,7 @@ def run_teardown(rank: int, world: int, port: int, out: str) -> None:
     after_failure = dist.is_initialized()
     distributed.teardown(finished=True)
     Path(out, f"teardown-rank{rank}.txt").write_text(f"{after_failure} {dist.is_initialized()}")
+    distributed.exit_now(0)
 
 
 class FailingMLP(MLPEncoder):
@@ -121,17 +124,13 @@ FUSION = ["data.options.image_size=16", "model.fusion={preset: tiny, image_size:
 def run_fusion(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
     """configs/fusion.yaml (tiny, a queue) for 4 steps under this group; OUT/fusion-rankR.pt holds
     the model's state (momentum encoders, queue), the logged losses and the final metrics."""
-    from plait import distributed
     from plait.config import load_config
     from plait.train import Trainer
 
     _join(rank, world, port)
-    try:
-        config = load_config("fusion", [*FUSION, *overrides, f"output_dir={out}/fusion"])
-        trainer = Trainer(config)
-        metrics = trainer.fit(overwrite=True)
-        torch.save({"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-                    "metrics": metrics, "step": trainer.step}, f"{out}/fusion-rank{rank}.pt")
-        distributed.teardown(finished=True)
-    finally:
-        distributed.teardown()
+    config = load_config("fusion", [*FUSION, *overrides, f"output_dir={out}/fusion"])
+    trainer = Trainer(config)
+    metrics = trainer.fit(overwrite=True)
+    torch.save({"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                "metrics": metrics, "step": trainer.step}, f"{out}/fusion-rank{rank}.pt")
+    _finish()

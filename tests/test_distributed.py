@@ -133,6 +133,28 @@ def test_failing_rank_stops_the_job_with_its_error(tmp_path):
     assert elapsed < 120, f"the job took {elapsed:.0f} s to stop"
 
 
+def test_finished_job_exits_zero_with_every_file_whole(tmp_path):
+    """``plait train --nproc 2`` that finishes: its workers end through ``exit_now(0)`` (no
+    interpreter shutdown), so the job's code is 0 and what rank 0 wrote is complete: the
+    checkpoint at the last step, the exported weights, one metrics line per step, eval.json."""
+    import json
+
+    from plait.checkpoint import load_checkpoint, load_weights
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "plait", "train", "uci", *workers.BASE, f"output_dir={run}", "--nproc", "2"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_checkpoint(run / "checkpoint.pt")["progress"]["step"] == 5
+    state, _ = load_weights(run / "model.safetensors")
+    assert state and all(torch.isfinite(v).all() for v in state.values())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "split" not in r] == [1, 2, 3, 4, 5]
+    assert "image_retrieval_recall@1" in json.loads((run / "eval.json").read_text())["metrics"]
+    assert f"wrote {run}" in done.stdout
+
+
 def test_exit_now_flushes_and_skips_exit_handlers():
     """A failed worker ends with its own code at once: what it printed (unflushed) arrives, and no
     atexit handler (nor any C++ destructor of a broken process group) runs after it."""

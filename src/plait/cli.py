@@ -315,12 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line; under torchrun a worker that fails ends at once with its exit code
-    (:func:`plait.distributed.exit_now`), so the agent records its own code, not a later abort."""
+    """The command line; under torchrun every worker, failed or finished, ends at once with its
+    exit code (:func:`plait.distributed.exit_now`), so the agent records that code and not an abort
+    in the interpreter's shutdown (gloo's threads can abort a process that finalises beside them)."""
     code = _main(argv)
     from plait.distributed import exit_now, launched
 
-    if code != EXIT_OK and launched():
+    if launched():
         exit_now(code)
     return code
 

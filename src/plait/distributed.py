@@ -92,9 +92,10 @@ def teardown(finished: bool = False) -> None:
 
 
 def exit_now(code: int) -> None:
-    """End this worker at once with ``code``: stdout and stderr flushed, no atexit handlers and no
-    C++ destructors (a broken gloo/NCCL group can abort or hang in them). The kernel closes the
-    sockets, so peers see this rank stop only after its message is written and its code set."""
+    """End this worker at once with ``code``: stdout and stderr flushed, no atexit handlers, no
+    interpreter finalisation and no C++ destructors (a gloo/NCCL group, broken or not, can abort or
+    hang in them). The kernel closes the sockets, so peers see this rank stop only after its
+    message is written and its code set. Call it only when every file has been written and closed."""
     import sys
 
     for stream in (sys.stdout, sys.stderr):

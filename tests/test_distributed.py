@@ -5,6 +5,8 @@ failing rank, the fusion model, bf16 autocast."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -117,15 +119,19 @@ def test_checkpoint_resumes_under_one_and_two_processes(tmp_path):
     assert alone["losses"] == pytest.approx(whole["losses"], abs=1e-9)  # the metrics log continues where it stopped
 
 
+def _plait_train_nproc2(*overrides: str) -> subprocess.CompletedProcess:
+    """``python -m plait train uci BASE... OVERRIDES... --nproc 2`` (torchrun's agent), one thread a worker."""
+    command = [sys.executable, "-m", "plait", "train", "uci", *workers.BASE, *overrides, "--nproc", "2"]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def test_failing_rank_stops_the_job_with_its_error(tmp_path):
     """``plait train --nproc 2`` (torchrun's agent): rank 1 raises at its third step; the job ends
     within seconds, never hangs, and says which rank failed and why."""
-    command = [sys.executable, "-m", "plait", "train", "uci", *workers.BASE, "optim.max_steps=8",
-               "model.a={name: 'tests.distributed_workers:FailingMLP', in_dim: 240, hidden: [32], out_dim: 24}",
-               f"output_dir={tmp_path / 'run'}", "--allow-import", "--nproc", "2"]
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    done = _plait_train_nproc2("optim.max_steps=8", f"output_dir={tmp_path / 'run'}", "--allow-import",
+                               "model.a={name: 'tests.distributed_workers:FailingMLP', in_dim: 240, hidden: [32], out_dim: 24}")
     elapsed = time.perf_counter() - start
     assert done.returncode == 2, done.stderr[-2000:]
     assert "[rank 1] error: injected failure on rank 1" in done.stderr
@@ -137,14 +143,10 @@ def test_finished_job_exits_zero_with_every_file_whole(tmp_path):
     """``plait train --nproc 2`` that finishes: its workers end through ``exit_now(0)`` (no
     interpreter shutdown), so the job's code is 0 and what rank 0 wrote is complete: the
     checkpoint at the last step, the exported weights, one metrics line per step, eval.json."""
-    import json
-
     from plait.checkpoint import load_checkpoint, load_weights
 
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "plait", "train", "uci", *workers.BASE, f"output_dir={run}", "--nproc", "2"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    done = _plait_train_nproc2(f"output_dir={run}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert load_checkpoint(run / "checkpoint.pt")["progress"]["step"] == 5
     state, _ = load_weights(run / "model.safetensors")

@@ -60,8 +60,10 @@ CASES: dict[str, list[list[str]]] = {
     "gamma-fp64": [["train", TINY, "train.precision=fp64"]],
     "gamma-clip-off": [["train", TINY, "optim.grad_clip=0"]],
     "augment-image-text": [["train", TINY, "data.augment.image=true", "data.augment.text=true"]],
-    "cnn-transformer": [["train", TINY, "model.a={name: cnn, width: 8}", "model.b={name: transformer, width: 16, depth: 1, heads: 2}"]],
-    "vit": [["train", TINY, "model.a={name: vit, width: 16, depth: 1, heads: 2, patch: 4}", "model.projection_hidden=8"]],
+    "cnn-transformer": [["train", "{root}/towers.yaml", "model.a={name: cnn, width: 8}",
+                         "model.b={name: transformer, width: 16, depth: 1, heads: 2}"]],
+    "vit": [["train", "{root}/towers.yaml", "model.a={name: vit, width: 16, depth: 1, heads: 2, patch: 4}",
+             "model.projection_hidden=8", "data.augment.image=true"]],
     "epochs-val-staleness": [["train", TINY, *EPOCHS, "data.validation_fraction=0.2", "train.eval_every_epochs=1",
                               "train.staleness_every_epochs=1", "train.log_every=1"]],
     "epochs-ema-staleness": [["train", TINY, *EPOCHS, "loss.options.estimator=ema", "train.staleness_every_epochs=1",
@@ -81,6 +83,12 @@ CASES: dict[str, list[list[str]]] = {
     "e1-quick": [["experiment", "gradient-bias", "--quick", "--out", "{out}", "--no-progress", "--workers", "1"]],
 }
 WALL_CLOCK = {"samples_per_s", "seconds", "elapsed_s", "time"}
+# configs the cases name as {root}/NAME: written into the temporary directory first
+CONFIG_FILES = {
+    "towers.yaml": "name: towers\ndata: {name: digits, options: {image_size: 8}, batch_size: 16}\n"
+                   "model: {embed_dim: 16}\noptim: {epochs: 1, max_steps: 6}\ntrain: {log_every: 2, progress: false}\n"
+                   "eval: {tasks: [retrieval, knn], few_shot: [1], few_shot_seeds: 1}\n",
+}
 
 
 def _digest() -> "hashlib._Hash":
@@ -158,7 +166,7 @@ def run_case(name: str, root: Path) -> tuple[str, dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     for arguments in CASES[name]:
-        arguments = [a.replace("{out}", str(out)) for a in arguments]
+        arguments = [a.replace("{out}", str(out)).replace("{root}", str(root)) for a in arguments]
         if arguments[0] == "train":
             arguments = [*arguments, f"output_dir={out}", "train.progress=false"]
         command = [sys.executable, "-m", "plait", *arguments]
@@ -179,6 +187,8 @@ def main() -> int:
     args = parser.parse_args()
     names = args.cases or list(CASES)
     with tempfile.TemporaryDirectory(prefix="plait-fingerprint-") as tmp:
+        for name, text in CONFIG_FILES.items():
+            (Path(tmp) / name).write_text(text)
         with ThreadPoolExecutor(args.workers) as pool:
             results = dict(pool.map(lambda n: run_case(n, Path(tmp)), names))
     Path(args.out).write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from plait.config import load_config
-from plait.train import Trainer
+from plait.training import Trainer
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024

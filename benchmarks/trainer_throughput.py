@@ -18,7 +18,7 @@ import time
 import torch
 
 from plait.config import load_config
-from plait.train import Trainer
+from plait.training import Trainer
 
 
 def hand_loop(trainer: Trainer, steps: int) -> float:

@@ -24,7 +24,7 @@ def train_case(overrides: list[str], resume: str | None = None, config_name: str
     """Train ``configs/uci.yaml`` with BASE + ``overrides`` (another config: ``overrides`` alone);
     the final parameters, their last gradients, the loss's state and the logged per-step losses."""
     from plait.config import load_config
-    from plait.train import Trainer
+    from plait.training import Trainer
 
     config = load_config(config_name, [*BASE, *overrides] if config_name == "uci" else overrides)
     trainer = Trainer(config)
@@ -125,7 +125,7 @@ def run_fusion(rank: int, world: int, port: int, overrides: list[str], out: str)
     """configs/fusion.yaml (tiny, a queue) for 4 steps under this group; OUT/fusion-rankR.pt holds
     the model's state (momentum encoders, queue), the logged losses and the final metrics."""
     from plait.config import load_config
-    from plait.train import Trainer
+    from plait.training import Trainer
 
     _join(rank, world, port)
     config = load_config("fusion", [*FUSION, *overrides, f"output_dir={out}/fusion"])

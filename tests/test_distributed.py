@@ -256,7 +256,7 @@ def test_nproc_must_be_positive(capsys):
 
 def test_fusion_refuses_the_gradient_cache():
     from plait.config import load_config
-    from plait.train import Trainer
+    from plait.training import Trainer
 
     with pytest.raises(ValueError, match="train.grad_cache_chunk is for two-tower models"):
         Trainer(load_config("fusion", ["train.grad_cache_chunk=8", "data.options.image_size=16",

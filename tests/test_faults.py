@@ -15,8 +15,9 @@ from plait.config import load_config
 from plait.data.digits import DigitsDataset
 from plait.data.sampler import EpochSampler
 from plait.optim import warmup_cosine
-from plait.resume import _UNSET, config_differences, data_fingerprint
-from plait.train import MAX_CONSECUTIVE_SKIPS, Trainer, train
+from plait.config import UNSET, config_differences
+from plait.training import data_fingerprint
+from plait.training import MAX_CONSECUTIVE_SKIPS, Trainer, train
 
 FAST = ["eval.tasks=[retrieval]"]
 
@@ -388,7 +389,7 @@ def test_user_csv_with_test_fraction_zero_has_no_test_split_and_trains(tmp_path,
 def test_config_differences_and_the_data_fingerprint():
     saved = load_config("tiny", ["loss.options.estimator=ema"])
     current = load_config("tiny", ["optim.lr=0.5", "train.log_every=1", "eval.gallery=0", "optim.betas=[0.9,0.99]"])
-    assert config_differences(saved, current) == [("loss.options.estimator", "ema", _UNSET), ("optim.lr", 0.001, 0.5),
+    assert config_differences(saved, current) == [("loss.options.estimator", "ema", UNSET), ("optim.lr", 0.001, 0.5),
                                                   ("optim.betas", [0.9, 0.98], [0.9, 0.99])]
     dataset = DigitsDataset("train", image_size=8)
     rng = torch.get_rng_state()
@@ -559,7 +560,7 @@ def test_a_checkpoint_from_a_gpu_run_is_resumed_in_its_precision_and_its_random_
 
     import numpy as np
 
-    import plait.train
+    import plait.training.resume
     from plait import runtime
     from plait.checkpoint import save_checkpoint
 
@@ -572,8 +573,8 @@ def test_a_checkpoint_from_a_gpu_run_is_resumed_in_its_precision_and_its_random_
         Trainer(_config(tmp_path / "new", "train.device=cpu", *FAST)).resume(tmp_path / "gpu.pt")
     # the trainer reads checkpoints onto the CPU (set_rng_state needs CPU bytes; load_state_dict moves the rest)
     seen = []
-    real = plait.train.load_checkpoint
-    monkeypatch.setattr(plait.train, "load_checkpoint", lambda path, map_location="cpu": seen.append(map_location) or real(path, map_location))
+    real = plait.training.resume.load_checkpoint
+    monkeypatch.setattr(plait.training.resume, "load_checkpoint", lambda path, map_location="cpu": seen.append(map_location) or real(path, map_location))
     Trainer(_config(run, *FAST)).resume()
     assert seen == ["cpu"]
     # set_rng_state takes a state whose tensors are of another dtype (as after another map_location)

@@ -8,7 +8,7 @@ import torch
 from plait.cli import main
 from plait.config import load_config
 from plait.finetune import accuracy, finetune, finetune_config
-from plait.train import Trainer, train
+from plait.training import Trainer, train
 
 SMALL = ["data.options.image_size=16", "model.fusion.image_size=16", "model.fusion.patch=8", "model.fusion.queue_size=64",
          "model.fusion.text_layers=1", "model.fusion.fusion_layers=1", "model.fusion.vision_layers=1",

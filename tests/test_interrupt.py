@@ -3,7 +3,7 @@
 One module-scoped campaign shared by both tests (15-45 s on 2 cores, depending on the load):
 the tiny config trained once straight through in this process, then episodes of forked
 training processes (no new interpreter: a fork costs milliseconds, an import of torch 2 s),
-each SIGKILLed at a seeded random moment and resumed (``plait.train.train(config,
+each SIGKILLed at a seeded random moment and resumed (``plait.training.train(config,
 resume=True)``; a fresh start while no checkpoint exists yet) until an attempt runs to its
 end, at least 24 kills in all, 8 of them inside a checkpoint write. The kill moments:
 
@@ -45,7 +45,7 @@ import torch
 
 from plait.checkpoint import load_checkpoint, load_weights
 from plait.config import load_config
-from plait.train import Trainer, train
+from plait.training import Trainer, train
 
 STEPS = 36  # digits' training split at B = 64: 22 steps an epoch, so every run crosses one epoch end
 COMMON = [

@@ -12,7 +12,7 @@ from plait.cli import main
 from plait.config import load_config
 from plait.data.sampler import EpochSampler
 from plait.optim import warmup_cosine
-from plait.train import Trainer
+from plait.training import Trainer
 
 
 def _config(tmp_path, *overrides):
@@ -284,7 +284,7 @@ def test_trainers_of_one_config_start_from_the_same_python_random_state(tmp_path
     import sys
 
     code = (
-        "import random; from plait.config import load_config; from plait.train import Trainer\n"
+        "import random; from plait.config import load_config; from plait.training import Trainer\n"
         "states = []\n"
         "for run in 'ab':\n"
         f"    Trainer(load_config('tiny', [f'output_dir={tmp_path}/{{run}}'])); states.append(random.getstate())\n"

@@ -1,4 +1,4 @@
-"""Argument checks shared across plait's packages (losses, evaluation)."""
+"""Argument checks shared across plait's packages: config values, tensors passed to the losses."""
 
 from __future__ import annotations
 
@@ -17,3 +17,36 @@ def integer_vector(value, name: str, length: int, device: torch.device, shape_no
     if value.shape != (length,):
         raise ValueError(f"{name} must have shape ({length},){shape_note}, got {tuple(value.shape)}")
     return value.to(device=device, dtype=torch.long)
+
+
+def is_int(value) -> bool:
+    """Whether ``value`` is a Python integer (``True`` and ``False`` are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """Whether ``value`` is an int or a float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(key: str, value, minimum: int | None = None, maximum: int | None = None, *, allow_none: bool = False,
+              note: str = "") -> None:
+    """Refuse ``value`` unless it is an integer in [minimum, maximum] (or None with ``allow_none``):
+    a ValueError ``key=value is not valid: it must be ...`` naming the key, with ``note`` after the
+    rule (``" (0: never)"``).
+
+    Example: ``check_int("optim.epochs", 0, minimum=1)`` raises ``optim.epochs=0 is not valid: it
+    must be a positive integer``."""
+    if value is None and allow_none:
+        return
+    if is_int(value) and (minimum is None or value >= minimum) and (maximum is None or value <= maximum):
+        return
+    if maximum is not None:
+        rule = f"an integer in [{minimum}, {maximum}]"
+    elif minimum == 1:
+        rule = "a positive integer"
+    elif minimum is not None:
+        rule = f"an integer >= {minimum}"
+    else:
+        rule = "an integer"
+    raise ValueError(f"{key}={value!r} is not valid: it must be {rule}{note}")

@@ -43,7 +43,7 @@ def _train(args: argparse.Namespace) -> int:
     from plait import distributed
     from plait.config import load_config
     from plait.evaluate.report import write_report
-    from plait.train import train
+    from plait.training import train
 
     resume, overrides = (args.resume if args.resume is not None else False), list(args.overrides)
     if isinstance(resume, str) and "=" in resume and not Path(resume).exists():  # `--resume key=value`: an override, not a path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from plait.atomic import display_path, temp_files
+from plait.atomic import atomic_write_text, display_path, temp_files
 
 # Files a run writes into output_dir (``--overwrite`` removes these and nothing else); a directory
 # holding one of GUARDED is a run that a new one without --resume / --overwrite must not replace.
@@ -77,3 +77,22 @@ def remove_outputs(run_dir: str | Path) -> list[Path]:
     if events.is_dir() and not any(events.iterdir()):
         events.rmdir()
     return removed
+
+
+def open_run_dir(run_dir: str | Path, resumed_from, overwrite: bool, config_yaml: str, write_skipped=None) -> None:
+    """Make ``run_dir`` this run's: checked (:func:`check_run_dir`), emptied of a previous run's
+    files with ``overwrite``, created, cleared of temporary files of interrupted writes, then
+    ``config.yaml`` written (and ``skipped_rows.json`` by ``write_skipped``, a user reader's)."""
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, resumed_from, overwrite)
+    if overwrite:
+        remove_outputs(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create output_dir {display_path(run_dir)}: {error.strerror or error}") from None
+    for stale in temp_files(run_dir):
+        stale.unlink(missing_ok=True)
+    atomic_write_text(run_dir / "config.yaml", config_yaml)
+    if write_skipped is not None:
+        write_skipped(run_dir)

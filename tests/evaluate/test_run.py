@@ -21,7 +21,7 @@ from plait.cli import main
 from plait.config import load_config, load_stored_config, to_yaml
 from plait.evaluate.run import evaluate_saved, load_model
 from plait.models import build_model, input_spec
-from plait.train import train
+from plait.training import train
 
 
 @pytest.fixture(scope="module")

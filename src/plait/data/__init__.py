@@ -1,6 +1,6 @@
 """Datasets of positive pairs (each item carries its index), the image cache and augmentation."""
 
-from plait.data.augment import ImageAugment, TextAugment, VectorAugment, default_synonyms
+from plait.data.augment import AUGMENTATIONS, ImageAugment, TextAugment, VectorAugment, default_synonyms
 from plait.data.base import ImagePairDataset, PairDataset, collate_pairs, stratified_split
 from plait.data.cache import ImageCache, clear_memory_cache, decode_image, default_cache_dir, load_images
 from plait.data.digits import DigitsDataset
@@ -13,6 +13,7 @@ from plait.data.uci import UCIMultipleFeatures
 from plait.data.user import CsvPairDataset, FolderPairDataset
 
 __all__ = [
+    "AUGMENTATIONS",
     "CsvPairDataset",
     "DigitsDataset",
     "EmojiDataset",

@@ -32,6 +32,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
+from plait.registry import Registry
+
 STOP_WORDS = frozenset(
     "a an the of on in at to for with and or but is are be by as from into onto it its this that "
     "these those his her their our your my me you he she we they them up down out off over under "
@@ -333,3 +335,11 @@ class VectorAugment(_SeededModule):
         eps = torch.randn(x.shape, generator=self._generator).to(x.device, x.dtype)
         keep = (torch.rand(x.shape, generator=self._generator) >= self.drop).to(x.device, x.dtype)
         return keep * (x + self.noise * eps) / (1 - self.drop)
+
+
+# The augmentation of each modality (data.augment.{modality}_options are its options); an image
+# augmentation's size is the data's, passed by the trainer, never an option.
+AUGMENTATIONS = Registry("augmentation", internal=("image_size",))
+AUGMENTATIONS.register("image", ImageAugment)
+AUGMENTATIONS.register("text", TextAugment)
+AUGMENTATIONS.register("vector", VectorAugment)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from plait.evaluate.evaluator import evaluator
 from plait.evaluate._common import (
     as_features,
     as_labels,
@@ -221,3 +222,28 @@ def knn_accuracy(
         predictions.append(classes[votes.argmax(1)])
     correct = torch.cat(predictions) == test_y
     return {"knn_acc1": float(correct.double().mean()), "knn_mean_per_class_recall": mean_per_class_recall(correct, test_y)}
+
+
+@evaluator("linear_probe", needs_labels=True)
+def linear_probe_task(context) -> dict[str, float]:
+    """Evaluation task ``linear_probe`` (``lp_*`` metrics): :func:`linear_probe` fitted on the
+    training split's ``eval.features``, scored on the test split's."""
+    metrics = linear_probe(context.probe_features("train"), context.labels("train"), context.probe_features("test"),
+                           context.labels("test"))
+    return {f"lp_{key}": value for key, value in metrics.items()}
+
+
+@evaluator("few_shot", needs_labels=True)
+def few_shot_task(context) -> dict[str, float]:
+    """Evaluation task ``few_shot``: :func:`few_shot_probe` at ``eval.few_shot`` shots per class,
+    ``eval.few_shot_seeds`` draws each."""
+    config = context.config
+    return few_shot_probe(context.probe_features("train"), context.labels("train"), context.probe_features("test"),
+                          context.labels("test"), shots_list=tuple(config.few_shot), seeds=tuple(range(config.few_shot_seeds)))
+
+
+@evaluator("knn", needs_labels=True)
+def knn_task(context) -> dict[str, float]:
+    """Evaluation task ``knn``: :func:`knn_accuracy` of the test split against the training split."""
+    return knn_accuracy(context.probe_features("train"), context.labels("train"), context.probe_features("test"),
+                        context.labels("test"))

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from plait.evaluate.evaluator import evaluator
 from plait.evaluate._common import (
     as_features,
     as_labels,
@@ -126,3 +127,9 @@ def topk_texts(image_features: Tensor, text_features: Tensor, k: int = 5, chunk_
     return torch.cat(
         [stable_topk(cosine_scores(images[start : start + step], texts), k) for start in range(0, images.shape[0], step)]
     )
+
+
+@evaluator("retrieval")
+def retrieval_task(context) -> dict[str, float]:
+    """Evaluation task ``retrieval``: :func:`retrieval_metrics` of the test split (a -> b, b -> a)."""
+    return retrieval_metrics(*context.test_features())

@@ -165,9 +165,9 @@ def evaluation_config(config: DictConfig, data: str | None, overrides: list[str]
     config.train.device = "auto"  # where the run trained is not where it is evaluated
     for item in overrides:
         config = OmegaConf.merge(config, OmegaConf.from_dotlist([item]))
-    from plait.train import check_eval_settings
+    from plait.config import validate_eval
 
-    check_eval_settings(config)
+    validate_eval(config)
     options = config.data.options
     name = ALIASES.get(str(config.data.name).lower(), str(config.data.name).lower())
     if name in PATH_ARGUMENT:

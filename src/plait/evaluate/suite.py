@@ -1,8 +1,11 @@
-"""Evaluate a two-tower model on a dataset pair (train for probes, test for everything else).
+"""Evaluate a model on a dataset pair (train for probes, test for everything else).
 
-Writes ``eval.json`` (CLIP_benchmark-style metric names, flattened with a task prefix where
-needed) and ``gallery.npz`` (query images with their top-5 retrieved captions) when given a run
-directory (both atomically). Tasks: ``retrieval``, ``zero_shot``, ``linear_probe``, ``few_shot``, ``knn``.
+Runs the registered evaluation tasks a config names (``plait.evaluate.evaluator``: retrieval,
+zero_shot, linear_probe, few_shot, knn) over features computed once, and writes ``eval.json``
+(CLIP_benchmark-style metric names, flattened with a task prefix where needed) and ``gallery.npz``
+(query images with their top-5 retrieved captions) when given a run directory (both atomically).
+Metric names follow CLIP_benchmark: ``image_*`` is the a side, ``text_*`` the b side, whatever
+the data's modalities.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import numpy as np
 import torch
 
 from plait.atomic import atomic_write, atomic_write_text
+from plait.evaluate import EVALUATORS, FEATURES, EvaluationContext
 
-TASKS = ("retrieval", "zero_shot", "linear_probe", "few_shot", "knn")
-FEATURES = ("shared", "independent", "both")
+__all__ = ["EVALUATORS", "FEATURES", "embed", "encode_texts", "evaluate_model"]
 
 
 @torch.no_grad()
@@ -49,47 +52,23 @@ def encode_texts(model, texts: list[str], batch_size: int, device: torch.device)
 
 
 def evaluate_model(model, train_set, test_set, config, device, run_dir: str | Path | None = None, info: dict | None = None) -> dict:
-    """Metrics of ``model`` on ``test_set`` (probes fitted on ``train_set``'s embeddings)."""
-    from plait.evaluate.probe import few_shot_probe, knn_accuracy, linear_probe
-    from plait.evaluate.retrieval import retrieval_metrics
-    from plait.evaluate.zero_shot import build_prompts, zero_shot_classifier, zero_shot_metrics
-
+    """Metrics of ``model`` on ``test_set`` (probes fitted on ``train_set``'s embeddings): every
+    task of ``config.tasks`` (the ``eval`` section) in registration order; a task that needs
+    labels is skipped for data without a label set."""
     tasks = list(config.tasks)
-    unknown = sorted(set(tasks) - set(TASKS))
+    unknown = sorted(set(tasks) - set(EVALUATORS))
     if unknown:
-        raise ValueError(f"unknown eval task(s) {unknown}; valid: {', '.join(TASKS)}")
+        raise ValueError(f"unknown eval task(s) {unknown}; valid: {', '.join(EVALUATORS)}")
     was_training = model.training
-    za, zb = embed(model, test_set, config.batch_size, device)
+    context = EvaluationContext(model, train_set, test_set, config, device)
+    za, zb = context.test_features()
     metrics: dict[str, float] = {}
-    if "retrieval" in tasks:
-        metrics.update(retrieval_metrics(za, zb))
-
-    label = config.label or (next(iter(test_set.labels)) if test_set.labels else None)
-    if label is not None and label not in test_set.labels:
-        raise ValueError(f"eval.label={label!r} is not a label set of {type(test_set).__name__}: {sorted(test_set.labels)}")
-    if label is not None:
-        y_test = torch.as_tensor(test_set.labels[label])
-        if "zero_shot" in tasks and test_set.modalities[1] == "text" and test_set.templates:
-            prompts = build_prompts(test_set.class_names[label], test_set.templates)
-            flat = [p for group in prompts for p in group]
-            features = encode_texts(model, flat, config.batch_size, device).reshape(len(prompts), len(prompts[0]), -1)
-            for key, value in zero_shot_metrics(za, zero_shot_classifier(features), y_test).items():
-                metrics[f"zeroshot_{key}"] = value
-        if any(task in tasks for task in ("linear_probe", "few_shot", "knn")):
-            probe_za = za if config.features == "shared" else embed(model, test_set, config.batch_size, device, config.features)[0]
-            train_za, _ = embed(model, train_set, config.batch_size, device, config.features)
-            y_train = torch.as_tensor(train_set.labels[label])
-            if "linear_probe" in tasks:
-                for key, value in linear_probe(train_za, y_train, probe_za, y_test).items():
-                    metrics[f"lp_{key}"] = value
-            if "few_shot" in tasks:
-                metrics.update(few_shot_probe(train_za, y_train, probe_za, y_test, shots_list=tuple(config.few_shot),
-                                              seeds=tuple(range(config.few_shot_seeds))))
-            if "knn" in tasks:
-                metrics.update(knn_accuracy(train_za, y_train, probe_za, y_test))
+    for name, task in EVALUATORS.items():
+        if name in tasks and (context.label is not None or not task.needs_labels):
+            metrics.update(task(context))
     if run_dir is not None:
         run_dir = Path(run_dir)
-        result = {**(info or {}), "label": label, "metrics": metrics}
+        result = {**(info or {}), "label": context.label, "metrics": metrics}
         atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=1))
         if config.gallery and test_set.modalities == ("image", "text"):
             _write_gallery(test_set, za, zb, config.gallery, run_dir / "gallery.npz")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from plait.evaluate.evaluator import evaluator
 from plait.evaluate._common import (
     as_features,
     as_labels,
@@ -94,3 +95,18 @@ def zero_shot_metrics(
     metrics = {f"acc{k}": float((ranks <= k).double().mean()) for k in ks if k <= n_classes}
     metrics["mean_per_class_recall"] = mean_per_class_recall(ranks == 1, labels)
     return metrics
+
+
+@evaluator("zero_shot", needs_labels=True)
+def zero_shot_task(context) -> dict[str, float]:
+    """Evaluation task ``zero_shot`` (``zeroshot_*`` metrics): each class's prompts (the dataset's
+    templates filled with its class names) through the text tower, averaged into a classifier, on
+    the test split's z_a. Only for data whose second view is text and that have templates."""
+    test_set = context.test_set
+    if not (test_set.modalities[1] == "text" and test_set.templates):
+        return {}
+    prompts = build_prompts(test_set.class_names[context.label], test_set.templates)
+    flat = [p for group in prompts for p in group]
+    features = context.text_features(flat).reshape(len(prompts), len(prompts[0]), -1)
+    metrics = zero_shot_metrics(context.test_features()[0], zero_shot_classifier(features), context.labels("test"))
+    return {f"zeroshot_{key}": value for key, value in metrics.items()}

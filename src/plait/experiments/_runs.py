@@ -9,17 +9,13 @@ import time
 from pathlib import Path
 
 
-# settings that change how a run waits, shows or logs, never what it computes
-NO_EFFECT = ("train.dist_timeout_s", "train.progress", "train.tensorboard")
-
-
 def finished_metrics(run_dir: Path, config_yaml: str) -> dict | None:
     """The final metrics of a finished run in ``run_dir`` trained with the settings of ``config_yaml``, else None.
 
     The saved config is read through the current schema, so keys added since (at their defaults)
-    do not count as a difference, nor do settings that cannot change a result (``NO_EFFECT``)."""
-    from plait.config import from_yaml, load_config
-    from plait.resume import config_differences
+    do not count as a difference, nor do settings that cannot change a result (the schema's
+    ``NO_EFFECT``: how a run waits, shows or logs)."""
+    from plait.config import NO_EFFECT, config_differences, from_yaml, load_config
 
     saved, evaluation = run_dir / "config.yaml", run_dir / "eval.json"
     if not (saved.is_file() and evaluation.is_file() and (run_dir / "model.safetensors").is_file()):
@@ -38,7 +34,7 @@ def run_training(job: tuple[str, tuple[str, ...], dict], reuse: bool = False, th
     import torch
 
     from plait.config import load_config, to_yaml
-    from plait.train import train
+    from plait.training import train
 
     config_name, overrides, tags = job
     torch.set_num_threads(threads)

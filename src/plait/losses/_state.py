@@ -12,13 +12,17 @@ The state lives in registered buffers, so ``state_dict()`` holds it and checkpoi
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from plait.losses._batch import PairBatch
+from plait.losses.base import ContrastiveLoss
 from plait.losses._inputs import check_index, prepare_pair, resolve_scale
 
 
-class PerSampleState(nn.Module):
+class PerSampleState(ContrastiveLoss):
+    """Base of the losses with per-sample state (the gamma loss, SogCLR): the buffers above, the
+    index checks and the duplicate-index reduction they share."""
+
     def __init__(self, dataset_size: int):
         super().__init__()
         if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 2:

@@ -90,6 +90,9 @@ class GammaContrastiveLoss(PerSampleState):
     returns a scalar.
     """
 
+    reads_candidates = True  # exact: every step; memory: every bank_refresh_steps (needs_candidates)
+    reports_staleness = True
+
     def __init__(
         self,
         dataset_size: int,
@@ -164,6 +167,10 @@ class GammaContrastiveLoss(PerSampleState):
             return self.estimator
         bank_mb = 2 * self.dataset_size * dim * 4 / 2**20
         return "memory" if bank_mb <= self.bank_budget_mb else "ema"
+
+    def uses_memory_bank(self, dim: int) -> bool:
+        """Whether the E-step keeps a memory bank for features of dimension ``dim`` (``memory``)."""
+        return self.resolved_estimator(dim) == "memory"
 
     def needs_candidates(self, dim: int) -> bool:
         """Whether the next step wants ``refresh_bank`` with every item's current features:

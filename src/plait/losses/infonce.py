@@ -6,13 +6,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from plait.losses._inputs import check_index, check_mode, check_temperature, prepare_pair, resolve_scale
 from plait.losses._logsumexp import CHUNK_ROWS, check_chunk_size, pair_logsumexp, use_chunks
+from plait.losses.base import ContrastiveLoss
 
 
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(ContrastiveLoss):
     """Minibatch InfoNCE, the loss whose small-batch gradient bias plait removes.
 
     With s_ij = scale * <a_i, b_j> (a, b L2-normalised unless ``normalize=False``;

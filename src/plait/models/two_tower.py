@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from plait._checks import check_int, is_number
 from plait.models.contract import Batch, ContrastiveModel
+from plait.models.encoder import ENCODERS, MAX_SIZE, build_encoder
+from plait.models.inputs import meta_samples
+from plait.types import PairFeatures
+
+DEFAULT_ENCODERS = {"image": {"name": "cnn"}, "text": {"name": "bow"}, "vector": {"name": "mlp"}}
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -54,6 +61,43 @@ class TwoTower(ContrastiveModel):
         self.independent_a = ProjectionHead(dim_a, embed_dim, projection_hidden) if independent else None
         self.independent_b = ProjectionHead(dim_b, embed_dim, projection_hidden) if independent else None
 
+    @classmethod
+    def from_config(cls, config: dict, inputs, *, independent: bool = False, allow_import: bool = False,
+                    device=None, seed: int = 0) -> TwoTower:
+        """``model.kind: two_tower`` (the default): encoders from ``model.a`` / ``model.b`` (an empty
+        spec picks the modality's default: cnn for images, bow for text, mlp for vectors), sized
+        from ``inputs`` (a dataset or an input spec). Sizes are checked first (a ValueError naming
+        the key); ``device="meta"`` builds shapes only, except encoders that load weights from disk.
+        ``seed`` is unused: its draws are the global generator's."""
+        modalities, samples = meta_samples(inputs)
+        embed_dim = config.get("embed_dim", 128)
+        check_int("model.embed_dim", embed_dim, minimum=1, maximum=MAX_SIZE)
+        projection_hidden = config.get("projection_hidden", 0)
+        check_int("model.projection_hidden", projection_hidden, minimum=0, maximum=MAX_SIZE)
+        temperature = config.get("init_temperature", 0.07)
+        if not (is_number(temperature) and math.isfinite(temperature) and 0 < temperature):
+            raise ValueError(f"model.init_temperature={temperature!r} is not valid: it must be a positive number")
+        specs = []
+        for side, modality in zip("ab", modalities):
+            spec = config.get(side) or DEFAULT_ENCODERS[modality]
+            if not isinstance(spec, dict):
+                raise ValueError(f"model.{side}: expected an encoder spec {{name: ..., ...}}, got {str(spec)[:60]!r}")
+            specs.append(spec)
+
+        def encoder(side: str, spec: dict, sample) -> nn.Module:
+            name = spec.get("name")
+            from_disk = name in ENCODERS and ENCODERS.get(name).loads_weights  # built for real: weights from disk
+            meta = device is not None and str(device) == "meta" and not from_disk
+            with torch.device("meta") if meta else contextlib.nullcontext():
+                return build_encoder(spec, sample, allow_import, key=f"model.{side}")
+
+        encoder_a = encoder("a", specs[0], samples[0])
+        encoder_b = encoder("b", specs[1], samples[1])
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return cls(encoder_a, encoder_b, embed_dim=embed_dim, init_temperature=temperature,
+                       learn_temperature=config.get("learn_temperature", True), projection_hidden=projection_hidden,
+                       independent=independent)
+
     def scale(self) -> Tensor:
         """exp of the learnable log-scale, clamped at 100 (CLIP)."""
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
@@ -77,8 +121,6 @@ class TwoTower(ContrastiveModel):
     def contrastive_features(self, batch: Batch):
         """The objective's input (float32): each tower runs once, over [view; augmented view]
         when the batch has augmented views; independent features when the model has their heads."""
-        from plait.losses.objective import PairFeatures
-
         bank = {} if batch.bank is None else {"a_bank": _at_least_float32(batch.bank[0]), "b_bank": _at_least_float32(batch.bank[1])}
         if batch.a_aug is None:
             za, zb, scale = self(batch.a, batch.b)

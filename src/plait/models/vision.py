@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from plait.models._blocks import pre_norm_encoder
+from plait.models.encoder import ENCODERS, Encoder, check_heads_divide_width
 
 
-class MLPEncoder(nn.Module):
-    """Flatten, then Linear-GELU blocks: (B, ...) -> (B, out_dim). For vectors or tiny images."""
+@ENCODERS.register("mlp")
+class MLPEncoder(Encoder):
+    """Flatten, then Linear-GELU blocks: (B, ...) -> (B, out_dim). For vectors or tiny images;
+    ``in_dim`` defaults to the number of values in one item's view."""
+
+    modality = "tensor"
+    size_options = ("in_dim", "out_dim")
+
+    @classmethod
+    def from_sample(cls, sample, options: dict) -> dict:
+        if "in_dim" in options:
+            return options
+        if not isinstance(sample, torch.Tensor):
+            raise ValueError("the mlp encoder takes tensors; use bow, transformer or minilm for text")
+        return {**options, "in_dim": math.prod(sample.shape)}
 
     def __init__(self, in_dim: int, out_dim: int = 256, hidden: tuple[int, ...] = (512,), dropout: float = 0.0):
         super().__init__()
@@ -26,9 +42,13 @@ class MLPEncoder(nn.Module):
         return self.net(x)
 
 
-class SmallCNN(nn.Module):
+@ENCODERS.register("cnn")
+class SmallCNN(Encoder):
     """Three conv-BN-GELU stages (widths w, 2w, 4w), each halving the resolution, then global
     average pooling and a linear layer: (B, 3, H, W) -> (B, out_dim)."""
+
+    modality = "image"
+    size_options = ("out_dim", "width", "in_channels")
 
     def __init__(self, out_dim: int = 256, width: int = 32, in_channels: int = 3):
         super().__init__()
@@ -48,9 +68,28 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-class SmallViT(nn.Module):
+@ENCODERS.register("vit")
+class SmallViT(Encoder):
     """A small vision transformer: patches of ``patch`` pixels, a class token, pre-norm blocks:
-    (B, 3, H, W) -> (B, out_dim) from the class token."""
+    (B, 3, H, W) -> (B, out_dim) from the class token. ``image_size`` defaults to the data's."""
+
+    modality = "image"
+    size_options = ("image_size", "out_dim", "patch", "width", "heads")
+    zero_size_options = ("depth",)
+
+    @classmethod
+    def from_sample(cls, sample, options: dict) -> dict:
+        if "image_size" in options or not isinstance(sample, torch.Tensor):
+            return options
+        return {**options, "image_size": sample.shape[-1]}
+
+    @classmethod
+    def check_options(cls, options: dict, key: str) -> None:
+        super().check_options(options, key)
+        check_heads_divide_width(cls, options, key)
+
+    def preprocessing(self) -> dict:
+        return {"image_size": self.image_size}
 
     def __init__(self, image_size: int = 32, out_dim: int = 256, patch: int = 4, width: int = 128, depth: int = 4,
                  heads: int = 4, dropout: float = 0.0):
@@ -66,6 +105,7 @@ class SmallViT(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, out_dim)
         self.out_dim = out_dim
+        self.image_size = image_size
 
     def forward(self, x: Tensor) -> Tensor:
         patches = self.patchify(x).flatten(2).transpose(1, 2)

@@ -1,5 +1,7 @@
-"""Latent modality structure regularisers (Jiang et al., CVPR 2023)."""
+"""Latent modality structure regularisers (Jiang et al., CVPR 2023), each a :class:`Regularizer`
+that names the features it reads; registered by name for configs (``regularizers: [{name: ...}]``)."""
 
+from plait.losses.regularizers.base import Regularizer
 from plait.losses.regularizers.bridge import BrownianBridge
 from plait.losses.regularizers.consistency import GeometricConsistency
 from plait.losses.regularizers.separation import FeatureSeparation
@@ -14,4 +16,4 @@ REGULARIZER_ALIASES = REGULARIZERS.aliases  # read-only view: alias -> canonical
 # (plait experiment regularizers --sweep-weights; README, "Choosing the weights").
 DEFAULT_WEIGHTS = {"separation": 0.1, "bridge": 0.1, "consistency": 1.0}
 
-__all__ = ["BrownianBridge", "DEFAULT_WEIGHTS", "FeatureSeparation", "GeometricConsistency", "REGULARIZERS", "REGULARIZER_ALIASES"]
+__all__ = ["BrownianBridge", "DEFAULT_WEIGHTS", "FeatureSeparation", "GeometricConsistency", "REGULARIZERS", "REGULARIZER_ALIASES", "Regularizer"]

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from plait.losses._inputs import working_dtype
+from plait.losses.regularizers.base import Regularizer
 
 
-class BrownianBridge(nn.Module):
+class BrownianBridge(Regularizer):
     """The augmented image feature should sit on the bridge from its image to its text.
 
-    With z_V, z_T, z^a_V (B, d) L2-normalised inside::
+    With z_V = ``a``, z_T = ``b``, z^a_V = ``a_aug`` (B, d), L2-normalised inside::
 
         mu_j = (t z_Vj + (1 - t) z_Tj) / || t z_Vj + (1 - t) z_Tj ||
         L_Br = 1/N sum_j || z^a_Vj - mu_j ||^2
@@ -22,6 +23,8 @@ class BrownianBridge(nn.Module):
     module's own seeded generator. Returns a scalar.
     """
 
+    needs = ("a", "b", "a_aug")
+
     def __init__(self, t: float | str = 0.25, seed: int = 0):
         super().__init__()
         if t != "uniform" and not (isinstance(t, (int, float)) and 0 <= t <= 1):
@@ -29,13 +32,14 @@ class BrownianBridge(nn.Module):
         self.t = t
         self._generator = torch.Generator().manual_seed(seed)
 
-    def bridge_mean(self, z_v: Tensor, z_t: Tensor) -> Tensor:
+    def bridge_mean(self, a: Tensor, b: Tensor) -> Tensor:
+        """mu (B, d): the normalised point at t on the way from ``a`` to ``b``."""
         if self.t == "uniform":
-            t = torch.rand(z_v.shape[0], 1, generator=self._generator).to(z_v.device, z_v.dtype)
+            t = torch.rand(a.shape[0], 1, generator=self._generator).to(a.device, a.dtype)
         else:
             t = float(self.t)
-        return F.normalize(t * z_v + (1 - t) * z_t, dim=-1)
+        return F.normalize(t * a + (1 - t) * b, dim=-1)
 
-    def forward(self, z_v: Tensor, z_t: Tensor, z_v_aug: Tensor) -> Tensor:
-        z_v, z_t, z_v_aug = (F.normalize(x.to(working_dtype(x.dtype)), dim=-1) for x in (z_v, z_t, z_v_aug))
-        return ((z_v_aug - self.bridge_mean(z_v, z_t)) ** 2).sum(-1).mean()
+    def forward(self, a: Tensor, b: Tensor, a_aug: Tensor) -> Tensor:
+        a, b, a_aug = (F.normalize(x.to(working_dtype(x.dtype)), dim=-1) for x in (a, b, a_aug))
+        return ((a_aug - self.bridge_mean(a, b)) ** 2).sum(-1).mean()

@@ -6,18 +6,19 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from plait.losses._inputs import working_dtype
-
 from plait.losses.infonce import InfoNCELoss
+from plait.losses.regularizers.base import Regularizer
 
 
-class FeatureSeparation(nn.Module):
+class FeatureSeparation(Regularizer):
     """L_Sep = L_Ortho + L^i_Con + L^i_Uni on independent features z^i beside the shared z.
 
-    With z_V, z_T (B, d) the shared features, z^i_V, z^i_T (B, d') the independent ones and
-    z^i_Va, z^i_Ta those of the augmented views (all L2-normalised inside)::
+    With z_V = ``a``, z_T = ``b`` (B, d) the shared features, z^i_V = ``a_ind``, z^i_T = ``b_ind``
+    (B, d') the independent ones and z^i_Va = ``a_ind_aug``, z^i_Ta = ``b_ind_aug`` those of the
+    augmented views (all L2-normalised inside)::
 
         L_Ortho  = 1/N sum_j ( <z_Vj, z^i_Vj>^2 + <z_Tj, z^i_Tj>^2 )            (needs d == d')
         L^i_Con  = 1/2 [ InfoNCE(z^i_V, z^i_Va) + InfoNCE(z^i_T, z^i_Ta) ]       (positive: the augmented view)
@@ -28,24 +29,25 @@ class FeatureSeparation(nn.Module):
     uniformity's (2, as Wang & Isola). Returns a scalar; ``parts`` holds the three terms.
     """
 
+    needs = ("a", "b", "a_ind", "b_ind", "a_ind_aug", "b_ind_aug")
+
     def __init__(self, temperature: float = 0.1, t: float = 2.0):
         super().__init__()
         if not t > 0:
             raise ValueError(f"t must be positive, got {t}")
         self.t = float(t)
         self.contrast = InfoNCELoss(temperature=temperature)
-        self.parts: dict[str, Tensor] = {}
 
-    def forward(self, z_v: Tensor, z_t: Tensor, zi_v: Tensor, zi_t: Tensor, zi_v_aug: Tensor, zi_t_aug: Tensor) -> Tensor:
-        z_v, z_t, zi_v, zi_t = (F.normalize(x.to(working_dtype(x.dtype)), dim=-1) for x in (z_v, z_t, zi_v, zi_t))
-        if z_v.shape != zi_v.shape or z_t.shape != zi_t.shape:
+    def forward(self, a: Tensor, b: Tensor, a_ind: Tensor, b_ind: Tensor, a_ind_aug: Tensor, b_ind_aug: Tensor) -> Tensor:
+        a, b, a_ind, b_ind = (F.normalize(x.to(working_dtype(x.dtype)), dim=-1) for x in (a, b, a_ind, b_ind))
+        if a.shape != a_ind.shape or b.shape != b_ind.shape:
             raise ValueError(
-                f"L_Ortho needs shared and independent features of one shape, got {tuple(z_v.shape)} and {tuple(zi_v.shape)}"
+                f"L_Ortho needs shared and independent features of one shape, got {tuple(a.shape)} and {tuple(a_ind.shape)}"
             )
-        ortho = ((z_v * zi_v).sum(-1) ** 2 + (z_t * zi_t).sum(-1) ** 2).mean()
-        con = (self.contrast(zi_v, zi_v_aug) + self.contrast(zi_t, zi_t_aug)) / 2
-        uni = torch.logsumexp(torch.stack([-self.t * _squared_distances(zi_v), -self.t * _squared_distances(zi_t)]).flatten(), 0)
-        uni = uni - math.log(zi_v.shape[0])
+        ortho = ((a * a_ind).sum(-1) ** 2 + (b * b_ind).sum(-1) ** 2).mean()
+        con = (self.contrast(a_ind, a_ind_aug) + self.contrast(b_ind, b_ind_aug)) / 2
+        uni = torch.logsumexp(torch.stack([-self.t * _squared_distances(a_ind), -self.t * _squared_distances(b_ind)]).flatten(), 0)
+        uni = uni - math.log(a_ind.shape[0])
         self.parts = {"ortho": ortho.detach(), "independent_contrast": con.detach(), "uniformity": uni.detach()}
         return ortho + con + uni
 

@@ -5,6 +5,7 @@ negatives drawn from ITC's similarities) and MLM (tied decoder). docs/fusion.md 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plait import distributed
-from plait._checks import integer_vector
+from plait._checks import check_int, integer_vector
 from plait.models.fusion.encoders import MINILM, FusionEncoder, ImageTokenEncoder, TextEncoder, check_minilm_shape, init_from_minilm
 from plait.models.fusion.layers import MLMHead, init_bert_
 from plait.models.fusion.objectives import IGNORE, mask_tokens, momentum_itc_loss, same_caption, sample_hard_negatives
@@ -109,6 +110,38 @@ class FusionModel(ContrastiveModel):
         self.weights = {"itc": float(itc_weight), "itm": float(itm_weight), "mlm": float(mlm_weight)}
         self.embed_dim, self.width, self.independent, self.seed = embed_dim, width, independent, int(seed)
         self.image_size = image_size
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> FusionModel:
+        """A model of a named size (``PRESETS``: tiny, small, minilm, base) with options overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown fusion preset {name!r}; valid: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_config(cls, config: dict, inputs, *, independent: bool = False, allow_import: bool = False,
+                    device=None, seed: int = 0) -> FusionModel:
+        """``model.kind: fusion``: ``model.fusion`` holds the options over a preset (``{preset: tiny,
+        queue_size: 1024, ...}``), ``model.embed_dim``, ``model.init_temperature`` and
+        ``model.learn_temperature`` apply, the image size comes from the inputs, ``seed`` (unless
+        ``model.fusion.seed`` is set) seeds the model's own draws. Needs image-text data."""
+        from plait.models.encoder import MAX_SIZE
+        from plait.models.inputs import input_spec
+
+        spec = inputs if isinstance(inputs, dict) else input_spec(inputs)
+        if list(spec["modalities"]) != ["image", "text"] or spec["shapes"][0] is None:
+            raise ValueError(f"model.kind=fusion needs image-text pairs, the data give {' and '.join(spec['modalities'])}")
+        options = dict(config.get("fusion") or {})
+        embed_dim = config.get("embed_dim", 128)
+        check_int("model.embed_dim", embed_dim, minimum=1, maximum=MAX_SIZE)
+        options = {"seed": seed, **options}
+        options.setdefault("embed_dim", embed_dim)
+        options.setdefault("init_temperature", config.get("init_temperature", 0.07))
+        options.setdefault("learn_temperature", config.get("learn_temperature", True))
+        options["image_size"] = spec["shapes"][0][-1]
+        options["independent"] = bool(independent or options.get("independent", False))
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return build_fusion_model(options)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> FusionModel:
@@ -348,6 +381,11 @@ class FusionModel(ContrastiveModel):
 
     # ------------------------------------------------------------------------------ the model contract
     provides_augmented = True  # the momentum features are the regularisers' augmented views: no second view needed
+    own_contrastive_term = True  # its momentum ITC (loss.name: momentum_itc)
+    min_rows_per_process = 2  # ITM draws each row's negatives from the other rows of its process
+    supports_grad_cache = False  # ITM and MLM are not functions of the contrastive features alone
+    accepts_bank_features = False  # it keeps momentum encoders of its own (model.fusion.momentum)
+
     def contrastive_features(self, batch: Batch):
         """The ITC features of a batch without the momentum copies (a, b, index, scale)."""
         from plait.losses.objective import PairFeatures

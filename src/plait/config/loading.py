@@ -1,139 +1,24 @@
-"""Run configuration: YAML files in ``configs/`` merged over typed defaults, plus dotted overrides.
+"""Reading configs: YAML files in ``configs/`` merged over the schema's typed defaults, dotted
+overrides, and configs stored inside checkpoints and weights files (read as data).
 
 ``load_config("configs/emoji.yaml", ["loss.name=infonce", "data.batch_size=512"])``
 returns an OmegaConf object; unknown keys and values of the wrong type raise a ValueError that
 names the key. Free-form option blocks (``data.options``, ``model.a``, ``model.b``,
-``loss.options``) accept any keys and are checked by the components they configure.
+``loss.options``) accept any keys and are checked by the components they configure. What the
+values may be, across sections, is :func:`plait.config.validate.validate`'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-@dataclass
-class AugmentConfig:
-    """Whether the training view of each modality is augmented. Regularisers and in-modal terms
-    also need a second, augmented view, which always uses the modality's augmentation."""
-
-    image: bool = False
-    text: bool = False
-    vector: bool = False
-    image_options: dict[str, Any] = field(default_factory=dict)
-    text_options: dict[str, Any] = field(default_factory=dict)
-    vector_options: dict[str, Any] = field(default_factory=dict)
+from plait.config.schema import RunConfig
 
 
-@dataclass
-class DataConfig:
-    name: str = "emoji"
-    options: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 32
-    # > 0: carve this fraction of the training split (by group) as a validation split; training
-    # uses the rest, per-epoch evaluations use it, and eval.split may name it for the final one.
-    validation_fraction: float = 0.0
-    num_workers: int = 0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
-@dataclass
-class ModelConfig:
-    # two_tower (CLIP-style: a, b, embed_dim, ...) | fusion (ALBEF-style: the options in `fusion`,
-    # e.g. {preset: tiny, queue_size: 1024}, see plait.models.fusion.FusionModel; embed_dim and
-    # init_temperature apply too)
-    kind: str = "two_tower"
-    fusion: dict[str, Any] = field(default_factory=dict)
-    # Encoder specs {name: ..., **options}; empty: chosen by the view's modality (see build_model).
-    a: dict[str, Any] = field(default_factory=dict)
-    b: dict[str, Any] = field(default_factory=dict)
-    embed_dim: int = 128
-    init_temperature: float = 0.07
-    learn_temperature: bool = True
-    projection_hidden: int = 0
-
-
-@dataclass
-class LossConfig:
-    name: str = "gamma"
-    options: dict[str, Any] = field(default_factory=dict)
-    in_modal: bool = False  # L_Con = 1/4 (V2T + T2V + V2V + T2T) with augmented views
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    epochs: int = 20
-    # a budget in optimizer steps instead of epochs: the schedule spans this many steps, over as
-    # many epochs as it takes (equal-step comparisons across batch sizes)
-    steps: Optional[int] = None
-    max_steps: Optional[int] = None  # stop early after this many steps (tests, quick runs)
-    warmup_fraction: float = 0.05
-    grad_clip: Optional[float] = 1.0
-
-
-@dataclass
-class TrainConfig:
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | fp64 (parameters and inputs) | bf16 | fp16
-    deterministic: bool = False
-    log_every: int = 10
-    eval_every_epochs: int = 0  # 0: evaluate only at the end (on the validation split if there is one)
-    staleness_every_epochs: int = 1  # per-sample losses: log the state's error against a frozen snapshot (0: never)
-    # > 0: a momentum copy of the model (weight m on the old copy per step, as MoCo) encodes each
-    # batch for the gamma loss's memory bank, so bank rows come from one slowly moving encoder
-    bank_momentum: float = 0.0
-    checkpoint_every_epochs: int = 1
-    checkpoint_every_steps: int = 0
-    tensorboard: bool = False
-    progress: bool = True
-    # a non-finite loss or gradient norm (or a feature row with no direction): stop (raise, naming
-    # the step, the batch and the last good checkpoint) | skip (no optimizer step; the schedule and
-    # the data position still advance; 20 consecutive skips stop the run)
-    on_nonfinite: str = "stop"
-    # > 0: GradCache: the encoders run in chunks of this many rows, twice (features without
-    # gradient, then recomputed with the loss's cached feature gradients): one chunk's activations
-    grad_cache_chunk: int = 0
-    # torchrun: how long a collective waits for the other ranks before the job stops (a dead or
-    # stuck peer; torchrun's agent stops the job first when a rank exits with an error)
-    dist_timeout_s: float = 1800.0
-
-
-@dataclass
-class EvalConfig:
-    tasks: list[str] = field(default_factory=lambda: ["retrieval", "zero_shot", "linear_probe", "knn"])
-    split: str = "test"  # the final evaluation's split: test | validation (needs data.validation_fraction)
-    label: Optional[str] = None  # label set for zero-shot / probes (default: the dataset's first)
-    few_shot: list[int] = field(default_factory=lambda: [1, 5, 10])
-    few_shot_seeds: int = 3
-    batch_size: int = 256
-    gallery: int = 8
-    features: str = "shared"  # probes on the shared, independent or both ([z, z^i]) features
-
-
-@dataclass
-class RunConfig:
-    name: str = "run"
-    seed: int = 0
-    output_dir: str = "runs/${name}"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    # e.g. [{name: bridge, weight: 0.1, t: 0.25}, {name: consistency, weight: 0.5}]
-    regularizers: list[dict[str, Any]] = field(default_factory=list)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-PACKAGED = Path(__file__).parent / "configs"
+PACKAGED = Path(__file__).parent.parent / "configs"
 
 # Bounds on any YAML plait reads: nesting depth, and nodes after aliases are expanded (a config
 # has a few hundred; a "billion laughs" file of nested aliases, x10 a level, would take minutes
@@ -232,12 +117,27 @@ def resolve_config_path(path: str | Path) -> Path:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Defaults <- YAML file <- ``key=value`` overrides; errors name the file (and line) or the
     override at fault, and the key."""
-    import yaml
-
     config = OmegaConf.structured(RunConfig)
     if path is not None:
         path = resolve_config_path(path)
         config = _merge(config, _read_yaml(path), f"bad config in {path}")
+    config = apply_overrides(config, overrides)
+    try:
+        OmegaConf.resolve(config)
+    except OmegaConfBaseException as error:
+        where = f" in {path}" if path is not None else ""
+        raise ValueError(f"bad config{where}: {first_line(error)}") from None
+    return config
+
+
+def apply_overrides(config: DictConfig, overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    """``config`` with dotted ``key=value`` overrides merged in, one at a time, over its schema
+    (a typed OmegaConf node: unknown keys and wrong types are refused); a ValueError names the
+    override at fault and the key. Every command's overrides go through here.
+
+    Example: ``apply_overrides(OmegaConf.structured(RunConfig), ["optim.lr=3e-4"])``."""
+    import yaml
+
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ValueError(f"override {item!r} is not of the form key=value")
@@ -250,17 +150,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             dotlist = OmegaConf.from_dotlist([item])
         except (OmegaConfBaseException, yaml.YAMLError) as error:
-            raise ValueError(f"bad override {item!r}: {_first_line(error)}") from None
+            raise ValueError(f"bad override {item!r}: {first_line(error)}") from None
         config = _merge(config, dotlist, f"bad override {item!r}")
-    try:
-        OmegaConf.resolve(config)
-    except OmegaConfBaseException as error:
-        where = f" in {path}" if path is not None else ""
-        raise ValueError(f"bad config{where}: {_first_line(error)}") from None
     return config
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
+    """An exception as one line (its first), with OmegaConf's key when it names one."""
     key = getattr(error, "full_key", None)
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return f"{text} (key {key})" if key and str(key) not in text else text
@@ -270,7 +166,7 @@ def _merge(config: DictConfig, other, context: str) -> DictConfig:
     try:
         return OmegaConf.merge(config, other)
     except (OmegaConfBaseException, TypeError) as error:  # TypeError: e.g. a list where a mapping belongs
-        raise ValueError(f"{context}: {_first_line(error)}") from None
+        raise ValueError(f"{context}: {first_line(error)}") from None
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -296,7 +192,7 @@ def _read_yaml(path: Path) -> DictConfig:
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ValueError(f"config file {path} is not valid YAML:{line} {problem}") from None
     except (OmegaConfBaseException, TypeError) as error:
-        raise ValueError(f"bad config in {path}: {_first_line(error)}") from None
+        raise ValueError(f"bad config in {path}: {first_line(error)}") from None
     return node
 
 
@@ -340,7 +236,7 @@ def load_stored_config(text: str, source: str = "stored config", allow_import: b
     try:
         config = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(data))
     except (OmegaConfBaseException, TypeError) as error:
-        raise ValueError(f"{source}: the stored config does not fit the schema: {_first_line(error)}") from None
+        raise ValueError(f"{source}: the stored config does not fit the schema: {first_line(error)}") from None
     check_components(config, source=source, allow_import=allow_import)
     return config
 
@@ -364,6 +260,7 @@ def check_components(config: DictConfig, source: str = "config", allow_import: b
     the encoders (an encoder ``package.module:Class`` only with ``allow_import``, which only the
     command line's ``--allow-import`` sets). Raises a ValueError naming the key."""
     from plait.data.registry import DATASETS
+    from plait.losses.objective import MODEL_ITC
     from plait.losses.registry import LOSSES
     from plait.losses.regularizers import REGULARIZERS
     from plait.models import ENCODERS
@@ -374,7 +271,7 @@ def check_components(config: DictConfig, source: str = "config", allow_import: b
             raise ValueError(f"{source}: {key}={name!r} is not a registered name; valid: {', '.join(valid)}")
 
     check("data.name", config.data.name, DATASETS)
-    check("loss.name", config.loss.name, LOSSES, extra=("momentum_itc",))
+    check("loss.name", config.loss.name, LOSSES, extra=(MODEL_ITC,))
     for index, spec in enumerate(config.regularizers):
         check(f"regularizers[{index}].name", spec.get("name") if isinstance(spec, DictConfig) else None, REGULARIZERS)
     for side in ("a", "b"):

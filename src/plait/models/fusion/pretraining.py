@@ -51,7 +51,7 @@ class PretrainStates:
     features: PairFeatures  # ITC's (B, embed_dim) float32 features: a=z_image, b=z_text, a_aug=m_image, b_aug=m_text
 
 
-def check_pretrain_batch(images: Tensor, texts: list[str], index, device: torch.device) -> Tensor:
+def check_pretrain_batch(images: Tensor, texts: list[str], index: Tensor, device: torch.device) -> Tensor:
     """``index`` as a (B,) integer tensor on ``device``, once the batch is checked: one caption per
     image (B images (B, 3, S, S)), B >= 2 (ITM draws its negatives from the batch), indices >= 0."""
     batch = images.shape[0]

@@ -16,10 +16,11 @@ def update_momentum(slow: nn.Module, fast: nn.Module, momentum: float) -> None:
 
     ``slow`` is usually ``copy.deepcopy(fast).requires_grad_(False)``; the two are paired in
     ``parameters()`` / ``buffers()`` order and must hold as many of each, parameters of the same
-    shapes (ValueError otherwise). m = 0 copies ``fast``; m = 1 leaves ``slow``'s parameters as
-    they are. Runs without autograd: no gradient of either module is read or written. Call it
-    after the optimizer step. Each parameter is updated as ``slow.mul_(m).add_(fast, alpha=1 - m)``:
-    these floating-point operations in this order, so runs stay bitwise what they were.
+    shapes (ValueError otherwise, before anything is written). m = 0 copies ``fast``; m = 1 keeps
+    ``slow``'s parameters (``fast`` finite). Runs without autograd: no gradient of either module
+    is read or written. Call it after the optimizer step. Each parameter is updated as
+    ``slow.mul_(m).add_(fast, alpha=1 - m)``: these floating-point operations in this order, so
+    runs stay bitwise what they were.
 
     >>> import copy
     >>> fast = nn.Linear(2, 1)
@@ -39,9 +40,11 @@ def update_momentum(slow: nn.Module, fast: nn.Module, momentum: float) -> None:
         raise ValueError(f"update_momentum needs two modules of the same structure: the slow one has "
                          f"{len(slow_params)} parameters and {len(slow_buffers)} buffers, "
                          f"the fast one {len(fast_params)} and {len(fast_buffers)}")
-    for p_slow, p_fast in zip(slow_params, fast_params):
+    for p_slow, p_fast in zip(slow_params, fast_params):  # all checked before any is written
         if p_slow.shape != p_fast.shape:  # an in-place add would broadcast a (1,) parameter silently
-            raise ValueError(f"update_momentum: a slow parameter of shape {tuple(p_slow.shape)} paired with {tuple(p_fast.shape)}")
+            raise ValueError(f"update_momentum: a slow parameter of shape {tuple(p_slow.shape)} "
+                             f"paired with one of shape {tuple(p_fast.shape)}")
+    for p_slow, p_fast in zip(slow_params, fast_params):
         p_slow.mul_(momentum).add_(p_fast.detach(), alpha=1.0 - momentum)
     for b_slow, b_fast in zip(slow_buffers, fast_buffers):
         b_slow.copy_(b_fast)

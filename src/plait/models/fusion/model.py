@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import math
 
 import torch
@@ -15,30 +14,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plait import distributed
-from plait._checks import check_int, integer_vector
-from plait.models.fusion.encoders import MINILM, FusionEncoder, ImageTokenEncoder, TextEncoder, check_minilm_shape, init_from_minilm
+from plait._checks import check_int
+from plait.models.contract import Batch, ContrastiveModel, StepOutput, apply_objective
+from plait.models.fusion.encoders import (MINILM, FusionEncoder, ImageTokenEncoder, TextEncoder, check_minilm_shape,
+                                          init_from_minilm)
 from plait.models.fusion.layers import MLMHead, init_bert_
-from plait.models.fusion.objectives import IGNORE, mask_tokens, momentum_itc_loss, same_caption, sample_hard_negatives
-from plait.models.contract import Batch, ContrastiveModel, ObjectiveError, StepOutput, apply_objective
+from plait.models.fusion.objectives import mask_tokens
+from plait.models.fusion.pretraining import (PretrainStates, check_pretrain_batch, fuse_with_hard_negatives, itc_term, itm_term,
+                                             mlm_term)
 from plait.models.fusion.queue import FeatureQueue
+from plait.models.momentum import update_momentum
 from plait.models.text import WordPieceTokenizer
 from plait.models.two_tower import MAX_LOGIT_SCALE, select_features
+from plait.types import PairFeatures
 
 LOSS_TERMS = ("itc", "itm", "mlm")
 INITS = ("random", "minilm")
-
-PRESETS: dict[str, dict] = {
-    # 2 CPU cores, minutes: 0.36 M parameters besides the 30,522 x 64 word embeddings (1.95 M)
-    "tiny": dict(image_size=32, patch=8, vision_width=64, vision_layers=2, vision_heads=4, width=64, heads=4,
-                 text_layers=2, fusion_layers=2, embed_dim=64, queue_size=1024, max_length=32),
-    "small": dict(image_size=32, patch=4, vision_width=128, vision_layers=4, vision_heads=4, width=128, heads=4,
-                  text_layers=2, fusion_layers=2, embed_dim=128, queue_size=1024, max_length=32),
-    # MiniLM's width: its first 3 layers as the text encoder, its last 3 as the fusion layers
-    "minilm": dict(image_size=32, patch=4, vision_width=192, vision_layers=4, vision_heads=6, width=384, heads=12,
-                   text_layers=3, fusion_layers=3, embed_dim=256, queue_size=4096, max_length=32, init="minilm"),
-    "base": dict(image_size=64, patch=8, vision_width=384, vision_layers=8, vision_heads=6, width=384, heads=12,
-                 text_layers=3, fusion_layers=3, embed_dim=256, queue_size=16384, max_length=40, init="minilm"),
-}
 
 
 class FusionModel(ContrastiveModel):
@@ -113,10 +104,11 @@ class FusionModel(ContrastiveModel):
 
     @classmethod
     def preset(cls, name: str, **overrides) -> FusionModel:
-        """A model of a named size (``PRESETS``: tiny, small, minilm, base) with options overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown fusion preset {name!r}; valid: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        """A model of a named size (``plait.models.fusion.presets.PRESETS``: tiny, small, minilm, base) with
+        options overridden."""
+        from plait.models.fusion.presets import preset_options  # presets.py builds on this module
+
+        return cls(**preset_options(name, **overrides))
 
     @classmethod
     def from_config(cls, config: dict, inputs, *, independent: bool = False, allow_import: bool = False,
@@ -126,15 +118,15 @@ class FusionModel(ContrastiveModel):
         ``model.learn_temperature`` apply, the image size comes from the inputs, ``seed`` (unless
         ``model.fusion.seed`` is set) seeds the model's own draws. Needs image-text data."""
         from plait.models.encoder import MAX_SIZE
+        from plait.models.fusion.presets import build_fusion_model  # presets.py builds on this module
         from plait.models.inputs import input_spec
 
         spec = inputs if isinstance(inputs, dict) else input_spec(inputs)
         if list(spec["modalities"]) != ["image", "text"] or spec["shapes"][0] is None:
             raise ValueError(f"model.kind=fusion needs image-text pairs, the data give {' and '.join(spec['modalities'])}")
-        options = dict(config.get("fusion") or {})
         embed_dim = config.get("embed_dim", 128)
         check_int("model.embed_dim", embed_dim, minimum=1, maximum=MAX_SIZE)
-        options = {"seed": seed, **options}
+        options = {"seed": seed, **(config.get("fusion") or {})}
         options.setdefault("embed_dim", embed_dim)
         options.setdefault("init_temperature", config.get("init_temperature", 0.07))
         options.setdefault("learn_temperature", config.get("learn_temperature", True))
@@ -142,13 +134,6 @@ class FusionModel(ContrastiveModel):
         options["independent"] = bool(independent or options.get("independent", False))
         with torch.device(device) if device is not None else contextlib.nullcontext():
             return build_fusion_model(options)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> FusionModel:
-        """A model of a named size (``PRESETS``: tiny, small, minilm, base) with options overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown fusion preset {name!r}; valid: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
 
     # ------------------------------------------------------------------------------ modes, state
     def train(self, mode: bool = True):
@@ -172,15 +157,11 @@ class FusionModel(ContrastiveModel):
         step = int(self.steps) if step is None else step
         return torch.Generator().manual_seed((self.seed << 32) + step)
 
-    @torch.no_grad()
     def momentum_update(self) -> None:
-        """theta_m <- m theta_m + (1 - m) theta for every momentum copy; call after the optimizer step."""
+        """theta_m <- m theta_m + (1 - m) theta for every momentum copy, buffers copied (``update_momentum``);
+        call after the optimizer step."""
         for name in self.momentum_names:
-            online, slow = getattr(self, name), self.momentum_models[name]
-            for p_slow, p in zip(slow.parameters(), online.parameters()):
-                p_slow.mul_(self.momentum).add_(p.detach(), alpha=1.0 - self.momentum)
-            for b_slow, b in zip(slow.buffers(), online.buffers()):
-                b_slow.copy_(b)
+            update_momentum(self.momentum_models[name], getattr(self, name), self.momentum)
 
     # ------------------------------------------------------------------------------ encoders
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
@@ -260,23 +241,43 @@ class FusionModel(ContrastiveModel):
         ``generator``: the CPU generator of masking and negatives; None derives one from (seed,
         steps). ``return_features=True`` returns (terms, PairFeatures). In training mode ``steps``
         advances by one; call ``momentum_update()`` after the optimizer step.
-        """
-        from plait.losses.objective import ContrastiveObjective, PairFeatures
 
-        batch = images.shape[0]
-        if isinstance(texts, str) or len(texts) != batch:
-            raise ValueError(f"pretrain_step needs one caption per image: {batch} images, "
-                             f"{'a string' if isinstance(texts, str) else len(texts)} texts")
-        if batch < 2:
-            raise ValueError("pretrain_step needs a batch of at least 2 pairs (ITM draws negatives from the batch)")
-        device = self._device()
-        index = integer_vector(index, "index", batch, device, " (one dataset index per pair)")
-        if bool((index < 0).any()):
-            raise ValueError("dataset indices must be >= 0")
+        The parts (``plait.models.fusion.pretraining``), in the order of the random draws and of the
+        autograd graph: ``_encode_pairs``, ``itc_term``, ``fuse_with_hard_negatives``, ``itm_term``, ``mlm_term``.
+        """
+        index = check_pretrain_batch(images, texts, index, self._device())
         step = int(self.steps)
         generator = self.step_generator(step) if generator is None else generator
         alpha = self.alpha_at(step) if alpha is None else float(alpha)
+        states = self._encode_pairs(images, texts, index, generator)
+        # Under torchrun ITC runs over the global batch: every rank's features (and momentum features,
+        # and indices) gathered, so the queue receives the same rows on every rank; ITM and MLM stay
+        # on this rank's rows, with hard negatives from this rank's block of the ITC logits.
+        features = distributed.gather_features(states.features)
+        itc, logits_i2t, logits_t2i, stats = itc_term(features, itc_loss, alpha, self.queue, enqueue=self.training,
+                                                      independent=self.independent)
+        fused, text_ok, image_ok = fuse_with_hard_negatives(self.fusion, states, texts, index, logits_i2t, logits_t2i,
+                                                            generator)
+        itm, itm_stats = itm_term(self.itm_head, fused[: 3 * images.shape[0], 0], text_ok, image_ok)
+        teacher = self.momentum_models if self.mlm_distill else None
+        mlm, mlm_stats = mlm_term(self.mlm_head, self.text_encoder.embeddings.word.weight, fused, states, alpha, teacher)
 
+        loss = self.weights["itc"] * itc + self.weights["itm"] * itm + self.weights["mlm"] * mlm
+        with torch.no_grad():
+            stats.update(alpha=torch.tensor(alpha, device=self._device()), temperature=1.0 / states.scale.detach().float(),
+                         **itm_stats, **mlm_stats, queue_filled=(self.queue.index >= 0).sum().float())
+        if self.training:
+            self.steps += 1
+        terms = {"loss": loss, "itc": itc, "itm": itm, "mlm": mlm, **stats}
+        return (terms, features) if return_features else terms
+
+    def _encode_pairs(self, images: Tensor, texts: list[str], index: Tensor, generator: torch.Generator) -> PretrainStates:
+        """The encoding that ITC, ITM and MLM share: the captions tokenized (B, T) and masked for MLM
+        (``mask_tokens`` with ``generator``), captions and masked captions through the text encoder in
+        one call of 2B, the images through the image encoder, the ITC features
+        z_image = normalize(W_v v_cls), z_text = normalize(W_t t_cls) (B, embed_dim), and the same
+        through the momentum copies without gradient (with ``independent``, the independent heads' too)."""
+        batch, device = images.shape[0], self._device()
         ids, mask = self.tokenize(texts)
         masked_ids, labels = mask_tokens(ids, mask, generator, vocab_size=self.vocab_size, probability=self.mlm_probability)
         both_ids, both_mask = torch.cat([ids, masked_ids]).to(device), torch.cat([mask, mask]).to(device)
@@ -302,82 +303,7 @@ class FusionModel(ContrastiveModel):
                 features.b_ind_aug = F.normalize(slow["text_ind"](text_m_both[:batch, 0]), dim=-1).float()
             features.a_ind = F.normalize(self.vision_ind(image[:, 0]), dim=-1).float()
             features.b_ind = F.normalize(self.text_ind(text[:, 0]), dim=-1).float()
-
-        # ---- ITC, in float32 even under autocast (the project's losses keep their internals float32).
-        # Under torchrun over the global batch: every rank's features (and momentum features, and
-        # indices) gathered, so the queue receives the same rows on every rank; ITM and MLM stay
-        # on this rank's rows, with hard negatives from this rank's block of the ITC logits.
-        features = distributed.gather_features(features)
-        mine = distributed.local_rows(features.a.shape[0])
-        stats: dict[str, Tensor] = {}
-        with torch.autocast(device_type=device.type, enabled=False):
-            if itc_loss is None:
-                itc, logits_i2t, logits_t2i = momentum_itc_loss(
-                    features.a, features.b, features.a_aug, features.b_aug, features.logit_scale, alpha, features.index,
-                    self.queue.contents() if self.queue.size else None)
-                if self.training:
-                    self.queue.enqueue(features.a_aug, features.b_aug, features.index)
-            else:
-                with torch.no_grad():
-                    logits_i2t = features.logit_scale * features.a @ features.b_aug.T
-                    logits_t2i = features.logit_scale * features.b @ features.a_aug.T
-                if isinstance(itc_loss, ContrastiveObjective):
-                    if itc_loss.needs_independent and not self.independent:
-                        raise ValueError("the feature separation regulariser needs FusionModel(independent=True)")
-                    itc = apply_objective(itc_loss, features)  # a refusal names the batch's features
-                    stats.update({f"itc/{k}": v for k, v in itc_loss.stats.items() if torch.is_tensor(v)})
-                else:
-                    try:
-                        itc = itc_loss(features.a, features.b, features.logit_scale, index=features.index)
-                    except ValueError as error:
-                        raise ObjectiveError(str(error), features) from error
-        logits_i2t, logits_t2i = logits_i2t[mine, mine], logits_t2i[mine, mine]  # this rank's pairs
-
-        # ---- ITM hard negatives (and MLM's masked text) through the fusion encoder, one call of 4B
-        forbidden = same_caption(list(texts), index)
-        negative_text, text_ok = sample_hard_negatives(logits_i2t, forbidden, generator)  # a text per image
-        negative_image, image_ok = sample_hard_negatives(logits_t2i, forbidden, generator)  # an image per text
-        negative_text, negative_image = negative_text[:, 0].to(device), negative_image[:, 0].to(device)
-        fused = self.fusion(
-            torch.cat([text, text[negative_text], text, text_masked]),
-            torch.cat([mask, mask[negative_text], mask, mask]),
-            torch.cat([image, image, image[negative_image], image]),
-        )
-        itm_logits = self.itm_head(fused[: 3 * batch, 0]).float()
-        itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(device)
-        pair_weight = torch.cat([torch.ones(batch, dtype=torch.bool), text_ok, image_ok]).float().to(device)
-        itm = (F.cross_entropy(itm_logits, itm_labels, reduction="none") * pair_weight).sum() / pair_weight.sum()
-
-        # ---- MLM at the chosen positions only (the tied decoder over 30k tokens is the costly part)
-        chosen = (labels != IGNORE).to(device)
-        targets = labels.to(device)[chosen]
-        mlm_logits = self.mlm_head(fused[3 * batch:][chosen], self.text_encoder.embeddings.word.weight).float()
-        if targets.numel() == 0:
-            mlm = fused[3 * batch:].sum() * 0.0
-            if distributed.active():  # DDP needs every parameter in every step's graph: the head's (zero) gradient
-                mlm = mlm + mlm_logits.sum() * 0.0
-        else:
-            mlm = F.cross_entropy(mlm_logits, targets)
-            if self.mlm_distill and alpha > 0:
-                with torch.no_grad():
-                    fused_m = slow["fusion"](text_m_both[batch:], mask, image_m)
-                    soft = F.softmax(slow["mlm_head"](fused_m[chosen], slow["text_encoder"].embeddings.word.weight).float(), dim=-1)
-                distill = -(soft * F.log_softmax(mlm_logits, dim=-1)).sum(-1).mean()
-                mlm = (1 - alpha) * mlm + alpha * distill
-
-        loss = self.weights["itc"] * itc + self.weights["itm"] * itm + self.weights["mlm"] * mlm
-        with torch.no_grad():
-            stats.update(
-                alpha=torch.tensor(alpha, device=device), temperature=1.0 / scale.detach().float(),
-                itm_accuracy=((itm_logits.argmax(1) == itm_labels).float() * pair_weight).sum() / pair_weight.sum(),
-                mlm_accuracy=(mlm_logits.argmax(1) == targets).float().mean() if targets.numel() else torch.tensor(float("nan"), device=device),
-                masked_tokens=torch.tensor(float(targets.numel()), device=device),
-                queue_filled=(self.queue.index >= 0).sum().float(),
-            )
-        if self.training:
-            self.steps += 1
-        terms = {"loss": loss, "itc": itc, "itm": itm, "mlm": mlm, **stats}
-        return (terms, features) if return_features else terms
+        return PretrainStates(image, text, text_masked, mask, labels, image_m, text_m_both, scale, features)
 
     # ------------------------------------------------------------------------------ the model contract
     provides_augmented = True  # the momentum features are the regularisers' augmented views: no second view needed
@@ -385,11 +311,8 @@ class FusionModel(ContrastiveModel):
     min_rows_per_process = 2  # ITM draws each row's negatives from the other rows of its process
     supports_grad_cache = False  # ITM and MLM are not functions of the contrastive features alone
     accepts_bank_features = False  # it keeps momentum encoders of its own (model.fusion.momentum)
-
     def contrastive_features(self, batch: Batch):
         """The ITC features of a batch without the momentum copies (a, b, index, scale)."""
-        from plait.losses.objective import PairFeatures
-
         return PairFeatures(self.encode_image(batch.a).float(), self.encode_text(list(batch.b)).float(), batch.index,
                             self.scale().float())
 
@@ -417,17 +340,4 @@ class FusionModel(ContrastiveModel):
         self.momentum_update()
 
 
-def build_fusion_model(spec: dict | None = None) -> FusionModel:
-    """A FusionModel from a config's ``model`` section: ``{"kind": "fusion", "preset": "tiny",
-    **options}`` (``kind`` ignored; options override the preset, checked against the signature)."""
-    options = dict(spec or {})
-    options.pop("kind", None)
-    preset = options.pop("preset", "tiny")
-    accepted = set(inspect.signature(FusionModel.__init__).parameters) - {"self"}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ValueError(f"fusion model has no option {', '.join(map(repr, unknown))}; its options: preset, {', '.join(sorted(accepted))}")
-    return FusionModel.preset(preset, **options)
-
-
-__all__ = ["FusionModel", "LOSS_TERMS", "MINILM", "PRESETS", "build_fusion_model"]
+__all__ = ["FusionModel", "LOSS_TERMS", "MINILM"]

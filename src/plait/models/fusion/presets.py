@@ -1,0 +1,45 @@
+"""Named sizes of the fusion model (``PRESETS``) and ``build_fusion_model``, which builds one from a
+config's ``model`` section."""
+
+from __future__ import annotations
+
+import inspect
+
+from plait.models.fusion.model import FusionModel
+
+PRESETS: dict[str, dict] = {
+    # 2 CPU cores, minutes: 0.36 M parameters besides the 30,522 x 64 word embeddings (1.95 M)
+    "tiny": dict(image_size=32, patch=8, vision_width=64, vision_layers=2, vision_heads=4, width=64, heads=4,
+                 text_layers=2, fusion_layers=2, embed_dim=64, queue_size=1024, max_length=32),
+    "small": dict(image_size=32, patch=4, vision_width=128, vision_layers=4, vision_heads=4, width=128, heads=4,
+                  text_layers=2, fusion_layers=2, embed_dim=128, queue_size=1024, max_length=32),
+    # MiniLM's width: its first 3 layers as the text encoder, its last 3 as the fusion layers
+    "minilm": dict(image_size=32, patch=4, vision_width=192, vision_layers=4, vision_heads=6, width=384, heads=12,
+                   text_layers=3, fusion_layers=3, embed_dim=256, queue_size=4096, max_length=32, init="minilm"),
+    "base": dict(image_size=64, patch=8, vision_width=384, vision_layers=8, vision_heads=6, width=384, heads=12,
+                 text_layers=3, fusion_layers=3, embed_dim=256, queue_size=16384, max_length=40, init="minilm"),
+}
+
+
+def preset_options(name: str, **overrides) -> dict:
+    """The ``FusionModel`` options of the preset ``name`` (tiny, small, minilm, base) with ``overrides`` on top."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown fusion preset {name!r}; valid: {', '.join(PRESETS)}")
+    return {**PRESETS[name], **overrides}
+
+
+def build_fusion_model(spec: dict | None = None) -> FusionModel:
+    """A FusionModel from a config's ``model`` section: ``{"kind": "fusion", "preset": "tiny",
+    **options}`` (``kind`` ignored; options override the preset, checked against the signature)."""
+    options = dict(spec or {})
+    options.pop("kind", None)
+    preset = options.pop("preset", "tiny")
+    accepted = set(inspect.signature(FusionModel.__init__).parameters) - {"self"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"fusion model has no option {', '.join(map(repr, unknown))}; "
+                         f"its options: preset, {', '.join(sorted(accepted))}")
+    return FusionModel.preset(preset, **options)
+
+
+__all__ = ["PRESETS", "build_fusion_model", "preset_options"]

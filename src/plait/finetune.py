@@ -14,61 +14,29 @@ atomically. Deterministic under ``seed`` on the CPU.
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from plait import runtime
 from plait.atomic import atomic_write_text
-
-
-@dataclass
-class FinetuneConfig:
-    task: str = "vqa"
-    seed: int = 0
-    output_dir: str = ""  # default: beside the weights, finetune-TASK
-    task_options: dict[str, Any] = field(default_factory=dict)  # EmojiVQA / EmojiReasoning / EmojiEntailment options
-    validation_fraction: float = 0.1
-    batch_size: int = 32
-    epochs: int = 5
-    max_steps: Optional[int] = None
-    lr: float = 1e-4
-    head_lr_multiplier: float = 10.0  # the fresh head learns faster than the pre-trained backbone
-    weight_decay: float = 0.02
-    warmup_fraction: float = 0.1
-    grad_clip: float = 1.0
-    dropout: float = 0.0
-    eval_batch_size: int = 128
-    device: str = "auto"
+from plait.config import apply_overrides
+from plait.config.schema import FinetuneConfig
+from plait.config.validate import validate_finetune
+from plait.training.metrics import MetricsLog
+from plait.training.step import OptimizerStep
 
 
 def finetune_config(task: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """The fine-tuning settings: defaults <- ``task`` <- ``key=value`` overrides (errors name the override)."""
     config = OmegaConf.structured(FinetuneConfig)
     config.task = task
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        try:
-            config = OmegaConf.merge(config, OmegaConf.from_dotlist([item]))
-        except (OmegaConfBaseException, TypeError) as error:
-            raise ValueError(f"bad override {item!r}: {str(error).splitlines()[0]}") from None
-    for key in ("batch_size", "epochs"):
-        if config[key] < 1:
-            raise ValueError(f"{key} must be >= 1, got {config[key]}")
-    if config.max_steps is not None and config.max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1 or null, got {config.max_steps}")
-    if not config.lr > 0:
-        raise ValueError(f"lr must be positive, got {config.lr}")
-    if not 0 <= config.validation_fraction < 1:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
+    config = apply_overrides(config, overrides)
+    validate_finetune(config)
     return config
 
 
@@ -106,12 +74,64 @@ def accuracy(classifier: nn.Module, dataset, batch_size: int, device: torch.devi
     return correct / max(total, 1)
 
 
+def _optimizer_step(classifier: nn.Module, config, total: int) -> OptimizerStep:
+    """AdamW with the head at ``head_lr_multiplier`` x lr (no decay on biases and norms), warm-up +
+    cosine over ``total`` steps, clipping at ``grad_clip`` (0: none)."""
+    from plait.optim import parameter_groups, warmup_cosine
+
+    head = set(map(id, classifier.head.parameters()))
+    groups = []
+    for group in parameter_groups(classifier, config.weight_decay):
+        for keep_head, multiplier in ((False, 1.0), (True, config.head_lr_multiplier)):
+            params = [p for p in group["params"] if (id(p) in head) == keep_head]
+            if params:
+                groups.append({"params": params, "weight_decay": group["weight_decay"], "lr": config.lr * multiplier})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, max(1, int(config.warmup_fraction * total))))
+    return OptimizerStep(optimizer, scheduler, grad_clip=max(float(config.grad_clip), 0.0))
+
+
+def _fit(classifier: nn.Module, fit_set, validation_set, config, device: torch.device, out: Path) -> int:
+    """Train ``classifier`` (cross-entropy) for ``epochs`` (at most ``max_steps`` steps), logging each
+    epoch's mean loss, lr and validation accuracy to ``out/metrics.jsonl``; returns the steps taken."""
+    total = config.epochs * (len(fit_set) // config.batch_size)
+    total = min(total, config.max_steps) if config.max_steps else total
+    update = _optimizer_step(classifier, config, total)
+    generator = torch.Generator().manual_seed(config.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out, is_main=True, tensorboard=False)
+    log.clear()  # a new fine-tuning run replaces the directory's log
+    step, start = 0, time.perf_counter()
+    classifier.train()
+    for epoch in range(config.epochs):
+        running = []
+        for index, images, texts, labels in _loader(fit_set, config.batch_size, generator):
+            logits = classifier(images.to(device), list(texts))
+            loss = nn.functional.cross_entropy(logits.float(), labels.to(device))
+            update.zero_grad()
+            update.scale(loss).backward()
+            if not update(loss.detach(), classifier.parameters()).finite:
+                what = "loss" if not bool(torch.isfinite(loss.detach())) else "gradient"
+                raise ValueError(f"non-finite {what} at fine-tuning step {step} (epoch {epoch}, items {index[:8].tolist()}); lower lr")
+            running.append(float(loss.detach()))
+            step += 1
+            if step >= total:
+                break
+        record = {"step": step, "epoch": epoch + 1, "loss": sum(running) / max(len(running), 1),
+                  "lr": update.scheduler.get_last_lr()[0], "seconds": time.perf_counter() - start}
+        if validation_set is not None:
+            record["validation_accuracy"] = accuracy(classifier, validation_set, config.eval_batch_size, device)
+        log.append(record)
+        if step >= total:
+            break
+    return step
+
+
 def finetune(weights: str | Path, task: str, overrides: list[str] | tuple[str, ...] = (), allow_import: bool = False) -> dict:
     """Fine-tune the fusion backbone of ``weights`` on ``task``; returns (and writes) the metrics."""
     from plait.data.tasks import build_task, carve_task_validation
     from plait.evaluate.run import load_model
     from plait.models.fusion import FusionClassifier, FusionModel
-    from plait.optim import parameter_groups, warmup_cosine
 
     config = finetune_config(task, overrides)
     backbone, pretrain = load_model(weights, allow_import=allow_import)
@@ -132,51 +152,7 @@ def finetune(weights: str | Path, task: str, overrides: list[str] | tuple[str, .
     if len(fit_set) < config.batch_size:
         raise ValueError(f"batch_size={config.batch_size} is larger than the {len(fit_set)} training items")
     classifier = FusionClassifier(backbone, config.task, num_classes=train_set.num_classes, dropout=config.dropout).to(device)
-    head = set(map(id, classifier.head.parameters()))
-    groups = []
-    for group in parameter_groups(classifier, config.weight_decay):
-        for part, multiplier in ((p for p in group["params"] if id(p) not in head), 1.0), ((p for p in group["params"] if id(p) in head), config.head_lr_multiplier):
-            params = list(part)
-            if params:
-                groups.append({"params": params, "weight_decay": group["weight_decay"], "lr": config.lr * multiplier})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    steps_per_epoch = len(fit_set) // config.batch_size
-    total = config.epochs * steps_per_epoch
-    total = min(total, config.max_steps) if config.max_steps else total
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, max(1, int(config.warmup_fraction * total))))
-    generator = torch.Generator().manual_seed(config.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "metrics.jsonl"
-    lines: list[str] = []
-    step, start = 0, time.perf_counter()
-    classifier.train()
-    for epoch in range(config.epochs):
-        running = []
-        for index, images, texts, labels in _loader(fit_set, config.batch_size, generator):
-            logits = classifier(images.to(device), list(texts))
-            loss = nn.functional.cross_entropy(logits.float(), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            parameters = [p for p in classifier.parameters() if p.grad is not None]
-            norm = (nn.utils.clip_grad_norm_(parameters, config.grad_clip) if config.grad_clip > 0  # 0: no clipping
-                    else nn.utils.get_total_norm([p.grad for p in parameters]))
-            if not (math.isfinite(float(loss.detach())) and math.isfinite(float(norm))):
-                raise ValueError(f"non-finite {'loss' if not math.isfinite(float(loss.detach())) else 'gradient'} at fine-tuning step {step} "
-                                 f"(epoch {epoch}, items {index[:8].tolist()}); lower lr")
-            optimizer.step()
-            scheduler.step()
-            running.append(float(loss.detach()))
-            step += 1
-            if step >= total:
-                break
-        record = {"step": step, "epoch": epoch + 1, "loss": sum(running) / max(len(running), 1),
-                  "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - start}
-        if validation_set is not None:
-            record["validation_accuracy"] = accuracy(classifier, validation_set, config.eval_batch_size, device)
-        lines.append(json.dumps(record))
-        atomic_write_text(log, "\n".join(lines) + "\n")
-        if step >= total:
-            break
+    step = _fit(classifier, fit_set, validation_set, config, device, out)
     metrics = {"test_accuracy": accuracy(classifier, test_set, config.eval_batch_size, device)}
     if validation_set is not None:
         metrics["validation_accuracy"] = accuracy(classifier, validation_set, config.eval_batch_size, device)

@@ -184,3 +184,25 @@ DTYPE_KEYS = keys_with(lambda meta: meta.get("resume") == DTYPE)
 ALWAYS_MAY_CHANGE = (*option_keys_with("free_options"), *DTYPE_KEYS)
 DATA_LOCATION = option_keys_with("location_options")
 NO_EFFECT = keys_with(lambda meta: meta.get("results") is False)
+
+
+@dataclass
+class FinetuneConfig:
+    """``plait finetune``'s settings (a fusion backbone and a task head on an emoji task)."""
+
+    task: str = "vqa"
+    seed: int = 0
+    output_dir: str = ""  # default: beside the weights, finetune-TASK
+    task_options: dict[str, Any] = field(default_factory=dict)  # EmojiVQA / EmojiReasoning / EmojiEntailment options
+    validation_fraction: float = 0.1
+    batch_size: int = 32
+    epochs: int = 5
+    max_steps: Optional[int] = None
+    lr: float = 1e-4
+    head_lr_multiplier: float = 10.0  # the fresh head learns faster than the pre-trained backbone
+    weight_decay: float = 0.02
+    warmup_fraction: float = 0.1
+    grad_clip: float = 1.0
+    dropout: float = 0.0
+    eval_batch_size: int = 128
+    device: str = "auto"

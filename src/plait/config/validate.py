@@ -142,3 +142,14 @@ def validate_with_data(config: DictConfig, train_set, world_size: int, device) -
     if label is not None and label not in train_set.labels:
         have = ", ".join(sorted(train_set.labels)) or "none (this dataset has no label sets)"
         raise ValueError(f"eval.label={label!r} is not a label set of the {config.data.name} data; valid: {have}")
+
+
+def validate_finetune(config: DictConfig) -> None:
+    """``plait finetune``'s settings (``FinetuneConfig``): a ValueError naming the key."""
+    for key in ("batch_size", "epochs"):
+        check_int(key, config[key], minimum=1)
+    check_int("max_steps", config.max_steps, minimum=1, allow_none=True, note=" (or null: no limit)")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise ValueError(f"lr must be positive, got {config.lr}")
+    if not 0 <= config.validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {config.validation_fraction}")

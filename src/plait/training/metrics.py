@@ -114,6 +114,12 @@ class MetricsLog:
             if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                 self._writer.add_scalar(prefix + key, value, record["step"])
 
+    def clear(self) -> None:
+        """Start the log anew (a run that replaces the directory's previous one)."""
+        if self.is_main:
+            self.path.unlink(missing_ok=True)
+        self.lines = 0
+
     def truncate(self, step: int, count: int | None = None) -> None:
         """Keep the lines logged before a checkpoint of ``step`` (its first ``count``, when the
         checkpoint says), without those of later steps or unreadable (torn) ones, atomically: a

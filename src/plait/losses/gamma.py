@@ -15,6 +15,7 @@ from plait.losses._batch import PairBatch
 from plait.losses._inputs import check_mode, check_temperature, prepare_pair, resolve_scale
 from plait.losses._logsumexp import CHUNK_ROWS, check_chunk_size
 from plait.losses._state import PerSampleState
+from plait.losses.estimators import EmaRates, ExactTable, MemoryBank, TableRates
 
 ESTIMATORS = ("auto", "ema", "exact", "memory")
 ANCHOR_GRADIENTS = ("batch", "table")
@@ -38,24 +39,19 @@ class GammaContrastiveLoss(PerSampleState):
 
           Zbatch_i = 1/N exp(s_ii) + (N-1)/N * mean_{j in batch, j != i} exp(s_ij)
 
-    The rate estimate Zhat_i comes from ``estimator``:
+    The rate estimate Zhat_i comes from ``estimator``, each a part in ``plait.losses.estimators``:
 
-    - ``"memory"``: the *current* anchor against a bank of every item's latest features
+    - ``"memory"`` (``MemoryBank``): the *current* anchor against a bank of every item's latest features
       (``memory_candidates`` random bank rows per step instead of all N, if set); only the
       negatives are stale, never the anchor, and the logit scale is applied at its current
       value. The bank costs 2 N d floats and B N d multiply-adds per step.
-    - ``"ema"``: a per-item exponential moving average of Zbatch_i over the item's visits, in log
-      space: the first visit copies the batch estimate, later visits take weight gamma_k on it::
-
-          log Zhat_i <- log( (1 - gamma_k) Zhat_i + gamma_k Zbatch_i )
-
-      with gamma_k = ``gamma`` (default 0.5; ``gamma_decay_visits=0``) or a cosine decay from 1 at the first
-      visit to ``gamma`` after ``gamma_decay_visits`` visits (FastCLIP's schedule, per item).
-      Each entry stores the logit scale it was computed at and the slope d log Z / d scale
-      (the softmax-weighted mean cosine); reading it at another scale applies the first-order
-      correction log Z(s) = log Z(s0) + (s - s0) * slope (``scale_correction=False``: none).
-      O(N) floats of state.
-    - ``"exact"``: Z_i over all N items with the current model: pass
+    - ``"ema"`` (``EmaRates``): a per-item exponential moving average of Zbatch_i over the item's visits, in
+      log space: the first visit copies the batch estimate, later ones take weight gamma_k on it, with
+      gamma_k = ``gamma`` (default 0.5; ``gamma_decay_visits=0``) or a cosine decay from 1 at the first
+      visit to ``gamma`` after ``gamma_decay_visits`` visits (FastCLIP's schedule, per item). Each entry is
+      carried from the logit scale it was computed at to the current one by its slope d log Z / d scale
+      (first order; ``scale_correction=False``: not). O(N) floats of state.
+    - ``"exact"`` (``ExactTable``): Z_i over all N items with the current model: pass
       ``candidates=(all_features_a, all_features_b)`` (N, d), or call ``refresh_bank`` with them
       before the step (what the trainer does when ``needs_candidates()``). Small N only.
     - ``"auto"`` (default): ``memory`` when its bank (2 N d float32) fits in ``bank_budget_mb``,
@@ -64,7 +60,7 @@ class GammaContrastiveLoss(PerSampleState):
     With a table (``exact``, ``memory``), ``anchor_gradient="batch"`` (the default) uses the
     table for the E-step only; ``"table"`` also takes the anchor side of the M-step gradient
     (a_i and the logit scale) over every table candidate and only the candidate side (b_j)
-    from the batch estimate: unbiased and far less noisy with an exact table, but over a bank of
+    from the batch estimate (``TableRates``): unbiased and far less noisy with an exact table, but over a bank of
     stale rows it pushes anchors away from where the candidates *were* (docs/losses.md).
 
     ``mode="bimodal"`` averages the directions a->b and b->a, as CLIP's loss does;
@@ -115,25 +111,8 @@ class GammaContrastiveLoss(PerSampleState):
     ):
         super().__init__(dataset_size)
         self.temperature = check_temperature(temperature)
-        if not (isinstance(shape, (int, float)) and shape > 0 and not math.isnan(shape)):
-            raise ValueError(f"shape must be a positive number or float('inf'), got {shape!r}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
-            raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
-        for name, value in (("gamma_decay_visits", gamma_decay_visits), ("bank_refresh_steps", bank_refresh_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if memory_candidates is not None and (not isinstance(memory_candidates, int) or memory_candidates < 1):
-            raise ValueError(f"memory_candidates must be a positive integer or None, got {memory_candidates!r}")
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        if anchor_gradient not in ANCHOR_GRADIENTS:
-            raise ValueError(f"anchor_gradient must be one of {ANCHOR_GRADIENTS}, got {anchor_gradient!r}")
-        if not (isinstance(bank_budget_mb, (int, float)) and bank_budget_mb >= 0):
-            raise ValueError(f"bank_budget_mb must be a non-negative number, got {bank_budget_mb!r}")
-        if not (isinstance(max_weight, (int, float)) and max_weight >= 1):
-            raise ValueError(f"max_weight must be a number >= 1 (or float('inf')), got {max_weight!r}")
+        _check_options(shape, estimator, gamma, gamma_decay_visits, bank_refresh_steps, memory_candidates, chunk_size,
+                       anchor_gradient, bank_budget_mb, max_weight)
         self.shape = float(shape)
         self.estimator = estimator
         self.gamma = float(gamma)
@@ -151,14 +130,12 @@ class GammaContrastiveLoss(PerSampleState):
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
         self.register_buffer("rng_state", self._generator.get_state())
-        # ema: the logit scale each entry was computed at, and its slope d log Z / d scale.
-        self.register_buffer("scale_at", torch.zeros(dataset_size))
-        self.register_buffer("slope", torch.zeros(2, dataset_size))
-        # Memory bank (2, N, d) of the latest features of each item, allocated at the first call;
-        # ``in_bank`` marks the rows written; ``bank_step`` the step of the last full refresh.
-        self.register_buffer("bank", torch.empty(0))
-        self.register_buffer("in_bank", torch.zeros(dataset_size, dtype=torch.bool))
-        self.register_buffer("bank_step", torch.full((), -1, dtype=torch.long))
+        # The E-step parts (plait.losses.estimators), each registering its buffers on this module, in
+        # this order: scale_at, slope (ema); bank, in_bank, bank_step (memory bank, the exact table's too).
+        self.ema_rates = EmaRates(self)
+        self.memory_bank = MemoryBank(self)
+        self.exact_table = ExactTable(self)
+        self.table_rates = TableRates(self)
 
     # ---------------------------------------------------------------------------------- estimator
     def resolved_estimator(self, dim: int) -> str:
@@ -187,18 +164,11 @@ class GammaContrastiveLoss(PerSampleState):
         if a.shape[0] != self.dataset_size:
             raise ValueError(f"refresh_bank needs the features of all {self.dataset_size} items, got {a.shape[0]} rows")
         self.check_device(a.device)
-        self._ensure_bank(a)
-        self.bank[0].copy_(a)
-        self.bank[1].copy_(b)
-        self.in_bank.fill_(True)
-        self.bank_step.fill_(int(self.step))
+        self.memory_bank.refresh(a, b)
 
-    def _ensure_bank(self, a: Tensor) -> None:
-        if self.bank.numel() == 0:
-            self.bank = torch.zeros(2, self.dataset_size, a.shape[1], dtype=a.dtype, device=a.device)
-        if self.bank.shape[-1] != a.shape[1]:
-            raise ValueError(f"the memory bank holds features of dim {self.bank.shape[-1]}, got dim {a.shape[1]}")
-
+    def gamma_for(self, visit: Tensor) -> Tensor:
+        """gamma_k, the weight of the newest batch estimate at the k-th visit (k >= 2) (``EmaRates.gamma_for``)."""
+        return self.ema_rates.gamma_for(visit)
 
     def forward(
         self,
@@ -216,26 +186,20 @@ class GammaContrastiveLoss(PerSampleState):
         index = batch.index
         estimator = self.resolved_estimator(a.shape[1])
         if bank_features is not None:
-            if estimator != "memory":
-                raise ValueError(f"bank_features= is only used by estimator='memory', not {estimator!r}")
-            with torch.no_grad():
-                bank_a, bank_b = prepare_pair(*bank_features, self.normalize)
-            if bank_a.shape != a.shape:
-                raise ValueError(f"bank_features must have the features' shape {tuple(a.shape)}, got {tuple(bank_a.shape)}")
-            bank_features = (bank_a.to(a.device), bank_b.to(a.device))
+            bank_features = self._bank_features(bank_features, a, estimator)
+        if candidates is not None and estimator != "exact":
+            raise ValueError(f"candidates= is only used by estimator='exact', not {estimator!r}")
         n = self.candidate_count
         slope = None
         if estimator == "ema":
-            if candidates is not None:
-                raise ValueError(f"candidates= is only used by estimator='exact', not {estimator!r}")
             log_zbatch, mean_logit = batch.log_partition(1.0 / n, (n - 1.0) / n, means=True)
             slope = mean_logit / scale.detach()  # d log Zbatch / d scale: the weighted mean cosine
-            log_zhat = self._ema_estimate(index, scale.detach(), log_zbatch.detach())
+            log_zhat = self.ema_rates.estimate(index, scale.detach(), log_zbatch.detach())
             terms = [log_zbatch]
         else:
             log_zbatch = batch.log_partition(1.0 / n, (n - 1.0) / n)  # (2, B), differentiable
-            table = self._table(a, candidates, estimator)
-            log_zhat, terms = self._table_estimates(batch, a, b, scale, log_zbatch, *table)
+            table = self.exact_table.table(a, candidates) if estimator == "exact" else self.memory_bank.table(a)
+            log_zhat, terms = self.table_rates.estimate(batch, a, b, scale, log_zbatch, *table)
 
         with torch.no_grad():
             log_u = self._draw_log_u(log_zhat)
@@ -257,93 +221,19 @@ class GammaContrastiveLoss(PerSampleState):
             loss = loss + log_weight.clamp(max=log_cap).exp() * (log_zx - log_zx.detach())
         return loss.mean()
 
-    def _ema_estimate(self, index: Tensor, scale: Tensor, log_zbatch: Tensor) -> Tensor:
-        """The stored rate carried to the current scale; the batch estimate on a first visit."""
+    def _bank_features(self, bank_features: tuple[Tensor, Tensor], a: Tensor, estimator: str) -> tuple[Tensor, Tensor]:
+        """The checked (normalised) ``bank_features`` (B, d) each, on ``a``'s device."""
+        if estimator != "memory":
+            raise ValueError(f"bank_features= is only used by estimator='memory', not {estimator!r}")
         with torch.no_grad():
-            first = (self.visits[index] == 0)[None, :]
-            stored = self.log_z[:, index].to(log_zbatch.dtype)
-            if self.scale_correction:
-                stored = stored + (scale - self.scale_at[index].to(scale.dtype))[None, :] * self.slope[:, index].to(scale.dtype)
-            return torch.where(first, log_zbatch, stored)
+            bank_a, bank_b = prepare_pair(*bank_features, self.normalize)
+        if bank_a.shape != a.shape:
+            raise ValueError(f"bank_features must have the features' shape {tuple(a.shape)}, got {tuple(bank_a.shape)}")
+        return bank_a.to(a.device), bank_b.to(a.device)
 
-    def gamma_for(self, visit: Tensor) -> Tensor:
-        """gamma_k, the weight of the newest batch estimate at the k-th visit (k >= 2)."""
-        if self.gamma_decay_visits == 0:
-            return torch.full(visit.shape, self.gamma, dtype=torch.float64, device=visit.device)
-        progress = ((visit - 1).double() / self.gamma_decay_visits).clamp(0.0, 1.0)
-        return self.gamma + (1.0 - self.gamma) * 0.5 * (1.0 + torch.cos(math.pi * progress))
-
-    # ---------------------------------------------------------------------------------- E-step
-    def _table(self, a: Tensor, candidates: tuple[Tensor, Tensor] | None, estimator: str) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(table_a, table_b, usable) of every item's features for the table estimators
-        (usable=None: all rows are current)."""
-        if candidates is not None and estimator != "exact":
-            raise ValueError(f"candidates= is only used by estimator='exact', not {estimator!r}")
-        if estimator == "exact":
-            if candidates is None:
-                if self.bank.numel() and int(self.bank_step) == int(self.step):
-                    return self.bank[0].to(a.dtype), self.bank[1].to(a.dtype), None
-                raise ValueError(
-                    "estimator='exact' needs candidates=(features_a, features_b) of all "
-                    f"{self.dataset_size} items computed with the current model, or refresh_bank() before each step"
-                )
-            with torch.no_grad():
-                table_a, table_b = prepare_pair(*candidates, self.normalize)
-            if table_a.shape != (self.dataset_size, a.shape[1]):
-                raise ValueError(
-                    f"candidates must have shape ({self.dataset_size}, {a.shape[1]}) (dataset_size, dim), "
-                    f"got {tuple(table_a.shape)}"
-                )
-            return table_a.to(a.device), table_b.to(a.device), None
-        self._ensure_bank(a)
-        # ``.data``: the bank rows of this batch are rewritten before backward, which autograd
-        # would refuse; those rows are masked out of the table terms (weight 0), so the
-        # gradient does not depend on them.
-        bank = self.bank.data
-        return bank[0].to(a.dtype), bank[1].to(a.dtype), self.in_bank
-
-    def _table_estimates(
-        self, batch: PairBatch, a: Tensor, b: Tensor, scale: Tensor, log_zbatch: Tensor,
-        table_a: Tensor, table_b: Tensor, seen: Tensor | None,
-    ) -> tuple[Tensor, list[Tensor]]:
-        """E-step rate log Zhat (2, B) from the table T, and the M-step terms log Z_x.
-
-        With neg(i) the negatives of i: the batch's (fresh) and the table rows of the other
-        items (only the seen ones for the memory bank, or a random subset of them)::
-
-            Zhat_i = 1/n exp(s_ii) + (n-1)/n mean_{j in neg(i)} exp(scale <a_i, T_j>)
-
-        ``anchor_gradient="table"``: the M-step terms are Zhat_i itself with gradient to a_i and the
-        scale only (plus the positive, fully), and the batch negatives' sum with gradient to the
-        candidates only. ``"batch"``: the single term Zbatch_i.
-        """
-        n = self.candidate_count
-        log_neg_weight = math.log((n - 1) / n)
-        columns = None  # every table row
-        if seen is not None and self.memory_candidates is not None and self.memory_candidates < self.dataset_size:
-            columns = torch.randint(self.dataset_size, (self.memory_candidates,), generator=self._generator).to(a.device)
-        usable = torch.ones(self.dataset_size, dtype=torch.bool, device=a.device) if seen is None else seen.clone()
-        usable[batch.index] = False  # the batch's own candidates enter fresh, from the batch
-        split = self.anchor_gradient == "table" and torch.is_grad_enabled()
-
-        # Tables each anchor direction contrasts with: bimodal a->[b], b->[a]; unimodal a,b->[b,a].
-        anchors = (a, b)
-        tables = ((table_b,), (table_a,)) if self.mode == "bimodal" else ((table_b, table_a), (table_a, table_b))
-        with torch.set_grad_enabled(split):
-            scans = [_scan_tables(anchors[d], tables[d], columns, usable, scale, self.chunk_size) for d in range(2)]
-            lse_table = torch.stack([scan[0] for scan in scans])
-            n_table = torch.stack([scan[1] for scan in scans])
-            anchor_side = _side(batch, a, b, scale, anchor=True) if split else batch
-            n_neg = batch.negative_counts()
-            lse_batch = anchor_side.log_partition(0.0, 1.0) + n_neg.log()
-            log_neg = torch.logaddexp(lse_table, lse_batch) - (n_table + n_neg).log()
-            log_anchor = torch.logaddexp(batch.log_partition(1.0, 0.0) - math.log(n), log_neg + log_neg_weight)
-        log_zhat = log_anchor.detach()
-        if not split:
-            return log_zhat, [log_zbatch]
-        candidate_side = _side(batch, a, b, scale, anchor=False)
-        log_candidates = candidate_side.log_partition(0.0, (n - 1.0) / n)
-        return log_zhat, [log_anchor, log_candidates]
+    def _ema_estimate(self, index: Tensor, scale: Tensor, log_zbatch: Tensor) -> Tensor:
+        """The stored rate carried to the current scale; the batch estimate on a first visit (``EmaRates.estimate``)."""
+        return self.ema_rates.estimate(index, scale, log_zbatch)
 
     def _draw_log_u(self, log_zhat: Tensor) -> Tensor:
         """log u with u ~ Gamma(shape, rate = shape * Zhat), drawn from the loss's own generator."""
@@ -356,33 +246,17 @@ class GammaContrastiveLoss(PerSampleState):
     # ---------------------------------------------------------------------------------- state
     def _update_state(self, batch: PairBatch, estimator: str, log_zbatch: Tensor, log_zhat: Tensor,
                       slope: Tensor | None, scale: Tensor, a: Tensor, b: Tensor) -> None:
-        """Write the new estimates of the batch's items, only where they are finite."""
+        """Write the new estimates of the batch's items, only where they are finite (with the memory bank:
+        and where the written features are)."""
         unique, inverse = batch.unique, batch.inverse
         if estimator == "ema":
-            fresh = self.reduce_duplicates(unique, inverse, log_zbatch, log_space=True)
-            fresh_slope = self.reduce_duplicates(unique, inverse, slope, log_space=False)
-            first = self.visits[unique] == 0
-            weight = self.gamma_for(self.visits[unique] + 1).to(fresh.dtype)
-            old = self.log_z[:, unique].to(fresh.dtype)
-            if self.scale_correction:  # the stored rate carried to the current scale
-                old = old + (scale - self.scale_at[unique].to(fresh.dtype)) * self.slope[:, unique].to(fresh.dtype)
-            new = torch.logaddexp(torch.log1p(-weight) + old, weight.log() + fresh)
-            new = torch.where(first, fresh, new)
-            new_slope = torch.where(first, fresh_slope, (1 - weight) * self.slope[:, unique].to(fresh.dtype) + weight * fresh_slope)
-            ok = torch.isfinite(new).all(0) & torch.isfinite(new_slope).all(0) & torch.isfinite(scale)
-            unique = unique[ok]
-            self.slope[:, unique] = new_slope[:, ok].to(self.slope.dtype)
-            self.scale_at[unique] = scale.to(self.scale_at.dtype)
+            new, ok = self.ema_rates.update(unique, inverse, log_zbatch, slope, scale)
         else:
             new = self.reduce_duplicates(unique, inverse, log_zhat, log_space=True)
             ok = torch.isfinite(new).all(0)
             if estimator == "memory":
-                features = torch.stack([a, b])  # (2, B, d)
-                means = self.reduce_duplicates(batch.unique, inverse, features.transpose(1, 2), log_space=False).transpose(1, 2)
-                ok = ok & torch.isfinite(means).all(-1).all(0)
-                self.bank[:, unique[ok]] = means[:, ok].to(self.bank.dtype)
-                self.in_bank[unique[ok]] = True
-            unique = unique[ok]
+                ok = self.memory_bank.write(unique, inverse, a, b, ok)
+        unique = unique[ok]
         self.log_z[:, unique] = new[:, ok].to(self.log_z.dtype)
         self.record_visit(unique)
 
@@ -405,38 +279,14 @@ class GammaContrastiveLoss(PerSampleState):
         if a.shape[0] != self.dataset_size:
             raise ValueError(f"staleness needs the features of all {self.dataset_size} items, got {a.shape[0]} rows")
         scale = resolve_scale(logit_scale, self.temperature, a)
-        n = self.candidate_count
-        everyone = torch.arange(self.dataset_size, device=a.device)
-        tables = ((b,), (a,)) if self.mode == "bimodal" else ((b, a), (a, b))
-        truth = torch.stack([_scan_tables((a, b)[d], tables[d], None, None, scale, self.chunk_size, everyone)[0]
-                             for d in range(2)])
-        positive = scale * (a * b).sum(1)
-        # The scan left out row i of every table: the anchor itself (unimodal) and its partner, which
-        # is a candidate (the positive): add the partner back.
-        truth = torch.logaddexp(truth, positive[None, :]) - math.log(n)
-        estimator = self.resolved_estimator(a.shape[1])
-        if estimator == "ema":
+        truth = self.exact_table.log_partition(a, b, scale)
+        if self.resolved_estimator(a.shape[1]) == "ema":
             have = self.visits > 0
-            estimate = self._ema_estimate(everyone, scale, truth)
+            estimate = self.ema_rates.estimate(torch.arange(self.dataset_size, device=a.device), scale, truth)
         else:
             have = self.in_bank.clone()
-            if self.bank.numel() == 0:
-                estimate = truth.clone()
-            else:
-                bank_tables = ((self.bank[1],), (self.bank[0],)) if self.mode == "bimodal" else ((self.bank[1], self.bank[0]), (self.bank[0], self.bank[1]))
-                scans = [_scan_tables((a, b)[d], bank_tables[d], None, self.in_bank, scale, self.chunk_size, everyone) for d in range(2)]
-                lse, count = torch.stack([s[0] for s in scans]), torch.stack([s[1] for s in scans])
-                log_neg = lse - count.clamp(min=1).log() + math.log((n - 1) / n)
-                estimate = torch.logaddexp(positive[None, :] - math.log(n), log_neg)
-        generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(self.dataset_size, generator=generator).to(a.device)
-        errors = []
-        for chunk in order.split(batch_size):
-            if chunk.numel() < 2:
-                continue
-            batch = PairBatch.build(a[chunk], b[chunk], scale, chunk, self.mode)
-            errors.append((batch.log_partition(1.0 / n, (n - 1.0) / n) - truth[:, chunk]).abs().flatten())
-        result = {"batch_log_error": float(torch.cat(errors).mean())}
+            estimate = truth.clone() if self.bank.numel() == 0 else self.memory_bank.estimate(a, b, scale)
+        result = {"batch_log_error": _batch_log_error(a, b, scale, truth, self.mode, self.candidate_count, batch_size, seed)}
         if have.any():
             diff = (estimate - truth)[:, have]
             result.update(staleness_log_error=float(diff.abs().mean()), staleness_log_bias=float(diff.mean()))
@@ -448,12 +298,8 @@ class GammaContrastiveLoss(PerSampleState):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        for name in ("scale_at", "slope", "in_bank", "bank_step"):  # state saved before these existed
-            state_dict.setdefault(prefix + name, getattr(self, name))
-        saved_bank = state_dict.get(prefix + "bank")
-        if saved_bank is not None and saved_bank.shape != self.bank.shape:
-            if self.bank.numel() == 0 or saved_bank.numel() == 0:
-                self.bank = torch.empty(saved_bank.shape, dtype=saved_bank.dtype, device=self.log_z.device)
+        self.ema_rates.before_load(state_dict, prefix)
+        self.memory_bank.before_load(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if prefix + "rng_state" in state_dict:
             self._generator.set_state(self.rng_state.cpu())
@@ -466,41 +312,38 @@ class GammaContrastiveLoss(PerSampleState):
         )
 
 
-def _scan_tables(
-    anchors: Tensor, tables: tuple[Tensor, ...], columns: Tensor | None, usable: Tensor | None, scale: Tensor, chunk: int,
-    anchor_index: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """(B,) log-sum-exp of scale * <anchor, T_j>, and the count, over the ``usable`` (None: all)
-    table rows j among ``columns`` (None: all), ``chunk`` rows at a time: O(B * chunk) memory.
-    With ``anchor_index`` (B,), the row j = anchor_index of every table is left out."""
-    size = anchors.shape[0]
-    lse, count = anchors.new_full((size,), -math.inf), anchors.new_zeros(size)
-    total = tables[0].shape[0] if columns is None else columns.numel()
-    for table in tables:
-        for start in range(0, total, chunk):
-            cols = torch.arange(start, min(start + chunk, total), device=anchors.device) if columns is None else columns[start:start + chunk]
-            rows = table[start:start + chunk] if columns is None else table[cols]
-            ok = torch.ones(cols.shape, dtype=torch.bool, device=anchors.device) if usable is None else usable[cols]
-            ok = ok[None, :].expand(size, -1)
-            if anchor_index is not None:
-                ok = ok & (cols[None, :] != anchor_index[:, None])
-            logits = (scale * (anchors @ rows.T)).masked_fill(~ok, -math.inf)
-            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
-            count = count + ok.sum(dim=1)
-    return lse, count
+def _batch_log_error(a: Tensor, b: Tensor, scale: Tensor, truth: Tensor, mode: str, n: int, batch_size: int, seed: int) -> float:
+    """mean_i |log Zbatch_i - log Z_i| of the items ``a``, ``b`` (N, d) split into batches of ``batch_size`` by a
+    permutation seeded with ``seed`` (a last batch of one row left out), ``truth`` (2, N) the exact log Z_i."""
+    order = torch.randperm(a.shape[0], generator=torch.Generator().manual_seed(seed)).to(a.device)
+    errors = []
+    for chunk in order.split(batch_size):
+        if chunk.numel() < 2:
+            continue
+        batch = PairBatch.build(a[chunk], b[chunk], scale, chunk, mode)
+        errors.append((batch.log_partition(1.0 / n, (n - 1.0) / n) - truth[:, chunk]).abs().flatten())
+    return float(torch.cat(errors).mean())
 
 
-def _side(batch: PairBatch, a: Tensor, b: Tensor, scale: Tensor, anchor: bool) -> PairBatch:
-    """The batch's logits with gradient to one side only: the anchor's (and the scale) if
-    ``anchor``, else the candidates'. Direction 0 reads rows, direction 1 columns (bimodal).
-    A chunked batch: the same through the blockwise kernel (``PairBatch.one_side``)."""
-    if batch.chunked:
-        return batch.one_side(anchor)
-    if batch.mode == "unimodal":
-        views = torch.cat([a, b])
-        logits = scale * (views @ views.detach().T) if anchor else scale.detach() * (views.detach() @ views.T)
-        return batch.with_logits(logits, logits)
-    rows = a @ b.detach().T if anchor else a.detach() @ b.T  # direction 0: anchors a_r are rows
-    columns = a.detach() @ b.T if anchor else a @ b.detach().T  # direction 1: anchors b_c are columns
-    factor = scale if anchor else scale.detach()
-    return batch.with_logits(factor * rows, factor * columns)
+def _check_options(shape, estimator, gamma, gamma_decay_visits, bank_refresh_steps, memory_candidates, chunk_size,
+                   anchor_gradient, bank_budget_mb, max_weight) -> None:
+    """Raise ValueError for a constructor option of ``GammaContrastiveLoss`` out of its range."""
+    if not (isinstance(shape, (int, float)) and shape > 0 and not math.isnan(shape)):
+        raise ValueError(f"shape must be a positive number or float('inf'), got {shape!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
+        raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+    for name, value in (("gamma_decay_visits", gamma_decay_visits), ("bank_refresh_steps", bank_refresh_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if memory_candidates is not None and (not isinstance(memory_candidates, int) or memory_candidates < 1):
+        raise ValueError(f"memory_candidates must be a positive integer or None, got {memory_candidates!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if anchor_gradient not in ANCHOR_GRADIENTS:
+        raise ValueError(f"anchor_gradient must be one of {ANCHOR_GRADIENTS}, got {anchor_gradient!r}")
+    if not (isinstance(bank_budget_mb, (int, float)) and bank_budget_mb >= 0):
+        raise ValueError(f"bank_budget_mb must be a non-negative number, got {bank_budget_mb!r}")
+    if not (isinstance(max_weight, (int, float)) and max_weight >= 1):
+        raise ValueError(f"max_weight must be a number >= 1 (or float('inf')), got {max_weight!r}")

@@ -10,8 +10,13 @@ from __future__ import annotations
 from plait.models.contract import ContrastiveModel
 from plait.models.encoder import ENCODERS, MAX_SIZE, Encoder, build_encoder, encoder_class
 from plait.models.inputs import MAX_VIEW_ELEMENTS, check_input_spec, input_spec
-from plait.models.vision import MLPEncoder, SmallCNN, SmallViT  # noqa: I001 - registration order: image towers first
+
+# importing an encoder module registers its encoders: image towers first, then text
+# isort: off
+from plait.models.vision import MLPEncoder, SmallCNN, SmallViT
 from plait.models.text import BagOfWordsEncoder, MiniLMEncoder, TransformerTextEncoder, WordPieceTokenizer
+# isort: on
+
 from plait.models.two_tower import DEFAULT_ENCODERS, MAX_LOGIT_SCALE, ProjectionHead, TwoTower
 from plait.models.fusion import FusionModel
 from plait.registry import Registry

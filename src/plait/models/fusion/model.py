@@ -5,7 +5,6 @@ negatives drawn from ITC's similarities) and MLM (tied decoder). docs/fusion.md 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 
@@ -14,7 +13,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plait import distributed
-from plait._checks import check_int
 from plait.models.contract import Batch, ContrastiveModel, StepOutput, apply_objective
 from plait.models.fusion.encoders import (MINILM, FusionEncoder, ImageTokenEncoder, TextEncoder, check_minilm_shape,
                                           init_from_minilm)
@@ -113,27 +111,10 @@ class FusionModel(ContrastiveModel):
     @classmethod
     def from_config(cls, config: dict, inputs, *, independent: bool = False, allow_import: bool = False,
                     device=None, seed: int = 0) -> FusionModel:
-        """``model.kind: fusion``: ``model.fusion`` holds the options over a preset (``{preset: tiny,
-        queue_size: 1024, ...}``), ``model.embed_dim``, ``model.init_temperature`` and
-        ``model.learn_temperature`` apply, the image size comes from the inputs, ``seed`` (unless
-        ``model.fusion.seed`` is set) seeds the model's own draws. Needs image-text data."""
-        from plait.models.encoder import MAX_SIZE
-        from plait.models.fusion.presets import build_fusion_model  # presets.py builds on this module
-        from plait.models.inputs import input_spec
+        """``model.kind: fusion`` (``plait.models.fusion.presets.fusion_from_config``)."""
+        from plait.models.fusion.presets import fusion_from_config  # presets.py builds on this module
 
-        spec = inputs if isinstance(inputs, dict) else input_spec(inputs)
-        if list(spec["modalities"]) != ["image", "text"] or spec["shapes"][0] is None:
-            raise ValueError(f"model.kind=fusion needs image-text pairs, the data give {' and '.join(spec['modalities'])}")
-        embed_dim = config.get("embed_dim", 128)
-        check_int("model.embed_dim", embed_dim, minimum=1, maximum=MAX_SIZE)
-        options = {"seed": seed, **(config.get("fusion") or {})}
-        options.setdefault("embed_dim", embed_dim)
-        options.setdefault("init_temperature", config.get("init_temperature", 0.07))
-        options.setdefault("learn_temperature", config.get("learn_temperature", True))
-        options["image_size"] = spec["shapes"][0][-1]
-        options["independent"] = bool(independent or options.get("independent", False))
-        with torch.device(device) if device is not None else contextlib.nullcontext():
-            return build_fusion_model(options)
+        return fusion_from_config(config, inputs, independent=independent, device=device, seed=seed)
 
     # ------------------------------------------------------------------------------ modes, state
     def train(self, mode: bool = True):

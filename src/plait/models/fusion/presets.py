@@ -3,8 +3,12 @@ config's ``model`` section."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
+import torch
+
+from plait._checks import check_int
 from plait.models.fusion.model import FusionModel
 
 PRESETS: dict[str, dict] = {
@@ -42,4 +46,28 @@ def build_fusion_model(spec: dict | None = None) -> FusionModel:
     return FusionModel.preset(preset, **options)
 
 
-__all__ = ["PRESETS", "build_fusion_model", "preset_options"]
+def fusion_from_config(config: dict, inputs, *, independent: bool = False, device=None, seed: int = 0) -> FusionModel:
+    """``model.kind: fusion``: ``model.fusion`` holds the options over a preset (``{preset: tiny,
+    queue_size: 1024, ...}``); ``model.embed_dim``, ``model.init_temperature`` and
+    ``model.learn_temperature`` apply; the image size comes from ``inputs`` (a dataset or an input
+    spec); ``seed`` (unless ``model.fusion.seed`` is set) seeds the model's own draws (masks, hard
+    negatives). Needs image-text data."""
+    from plait.models.encoder import MAX_SIZE
+    from plait.models.inputs import input_spec
+
+    spec = inputs if isinstance(inputs, dict) else input_spec(inputs)
+    if list(spec["modalities"]) != ["image", "text"] or spec["shapes"][0] is None:
+        raise ValueError(f"model.kind=fusion needs image-text pairs, the data give {' and '.join(spec['modalities'])}")
+    embed_dim = config.get("embed_dim", 128)
+    check_int("model.embed_dim", embed_dim, minimum=1, maximum=MAX_SIZE)
+    options = {"seed": seed, **(config.get("fusion") or {})}
+    options.setdefault("embed_dim", embed_dim)
+    options.setdefault("init_temperature", config.get("init_temperature", 0.07))
+    options.setdefault("learn_temperature", config.get("learn_temperature", True))
+    options["image_size"] = spec["shapes"][0][-1]
+    options["independent"] = bool(independent or options.get("independent", False))
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return build_fusion_model(options)
+
+
+__all__ = ["PRESETS", "build_fusion_model", "fusion_from_config", "preset_options"]

@@ -116,21 +116,20 @@ class StalenessLog(Callback):
 
 
 def default_callbacks(config, model: nn.Module, objective) -> list[Callback]:
-    """The callbacks a run needs, from what its model and its objective's base loss declare:
-    candidate refresh, momentum bank, the model's after-step update, staleness log (in this order:
-    the order the loop calls them)."""
+    """The callbacks a run needs, from what its model and its objective's base loss declare: the
+    model's after-step update, candidate refresh, momentum bank, staleness log (in this order: the
+    order the loop calls them)."""
     from plait.losses.base import ContrastiveLoss
 
     base = objective.base if isinstance(objective.base, ContrastiveLoss) else None
     embed_dim = config.model.embed_dim
-    callbacks: list[Callback] = []
+    callbacks: list[Callback] = [ModelAfterStep()]
     if base is not None and base.reads_candidates:
         callbacks.append(CandidateRefresh(base, embed_dim))
     if config.train.bank_momentum:
         if base is None or not base.uses_memory_bank(embed_dim):  # auto resolves by the bank's size: known only now
             raise ValueError("train.bank_momentum needs the gamma loss with a memory bank (loss.options.estimator: memory)")
         callbacks.append(MomentumBank(model, config.train.bank_momentum))
-    callbacks.append(ModelAfterStep())
     if base is not None and base.reports_staleness and config.train.staleness_every_epochs:
         callbacks.append(StalenessLog(base, config.train.staleness_every_epochs, config.data.batch_size))
     return callbacks

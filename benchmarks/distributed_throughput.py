@@ -44,8 +44,8 @@ def communication(config_name: str, overrides: list[str], world: int = 2) -> dic
 
     from plait.config import load_config
     from plait.data import build_dataset
-    from plait.models import build_model, input_spec
     from plait.losses.objective import build_objective
+    from plait.models import build_model, input_spec
 
     config = load_config(config_name, overrides)
     train_set = build_dataset(config.data.name, split="train", **(OmegaConf.to_container(config.data.options, resolve=True) or {}))

@@ -30,8 +30,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from loss_speed import DATASET_SIZE, _reset_peak, _status
+
 from plait.losses import GammaContrastiveLoss, InfoNCELoss, SogCLRLoss
 
 TEMPERATURE = 0.07

@@ -11,13 +11,11 @@ import torch
 
 from plait.checkpoint import load_checkpoint
 from plait.cli import main
-from plait.config import load_config
+from plait.config import UNSET, config_differences, load_config
 from plait.data.digits import DigitsDataset
 from plait.data.sampler import EpochSampler
 from plait.optim import warmup_cosine
-from plait.config import UNSET, config_differences
-from plait.training import data_fingerprint
-from plait.training import MAX_CONSECUTIVE_SKIPS, Trainer, train
+from plait.training import MAX_CONSECUTIVE_SKIPS, Trainer, data_fingerprint, train
 
 FAST = ["eval.tasks=[retrieval]"]
 
@@ -245,7 +243,7 @@ def test_resume_refuses_other_training_data(tmp_path):
 
     captions = [(i, f"swatch {i}") for i in range(24)]
     write_csv(captions)
-    data = [f"data.name=csv", f"data.options.path={tmp_path / 'pairs.csv'}", "data.options.image_size=8",
+    data = ["data.name=csv", f"data.options.path={tmp_path / 'pairs.csv'}", "data.options.image_size=8",
             "data.options.test_fraction=0.25", "data.batch_size=6", *FAST]
     run = tmp_path / "run"
     _checkpointed(run, *data)

@@ -117,8 +117,10 @@ def test_functions_and_keyword_catch_alls():
 
 
 def test_plait_registries_are_registry_instances():
-    from plait.data.registry import ALIASES as DATA_ALIASES, DATASETS
-    from plait.losses.registry import ALIASES as LOSS_ALIASES, LOSSES
+    from plait.data.registry import ALIASES as DATA_ALIASES
+    from plait.data.registry import DATASETS
+    from plait.losses.registry import ALIASES as LOSS_ALIASES
+    from plait.losses.registry import LOSSES
     from plait.losses.regularizers import REGULARIZER_ALIASES, REGULARIZERS
     from plait.models import ENCODERS, MODEL_KINDS
 

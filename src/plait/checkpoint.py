@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from plait.atomic import atomic_write, display_path as _show
+from plait.atomic import atomic_write
+from plait.atomic import display_path as _show
 
 FORMAT = "plait-checkpoint-1"
 WEIGHTS_FORMAT = "plait-weights-1"

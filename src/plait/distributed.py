@@ -220,9 +220,9 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     construction and sending them would cost a queue's size per step)."""
     if not active():
         return module
-    from torch.nn.parallel import DistributedDataParallel
-
     import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
     # torch 2.13 renamed broadcast_buffers (deprecated) to forward_sync_buffers

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from plait._checks import is_int
 from plait.models.contract import Batch, StepOutput, apply_objective
 
 # Fields of the features that are not model outputs: the dataset indices and a momentum
@@ -178,7 +179,7 @@ def grad_cache_step(features_fn: Callable[[Batch], Any], batch: Batch, objective
       (``apply_objective``); with fp16 pass ``scale_loss=scaler.scale``: the cached gradients, and so
       the parameter gradients, are then scaled (unscale them before clipping, as the trainer does).
     """
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    if not (is_int(chunk) and chunk >= 1):
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
     size = len(batch.index)
     if chunk >= size:

@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import torch
 
-
 DEVICES = "auto, cpu, cuda, cuda:N (N: a GPU's index), mps"
 
 

@@ -6,8 +6,7 @@ import pytest
 from PIL import Image
 
 from plait.cli import main
-from plait.data import CsvPairDataset, build_dataset
-from plait.data import builders
+from plait.data import CsvPairDataset, build_dataset, builders
 from plait.data.builders import BUILDERS, build_csv_dataset
 
 LABELS = ["script", "block", "category"]

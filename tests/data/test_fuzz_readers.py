@@ -40,7 +40,6 @@ from tests.data.fuzz_helpers import (
 )
 from tests.fuzz_cases import count
 
-
 # A RAM-backed folder where there is one: creating and removing a folder per example on a disk
 # costs milliseconds (the suite makes over 10,000), on tmpfs a tenth of one.
 SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
 from plait.evaluate import compare_runs, write_report
 from plait.evaluate import report as report_module
 from plait.evaluate.report import eval_series, read_gallery, read_metrics

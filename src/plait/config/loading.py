@@ -17,7 +17,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from plait.config.schema import RunConfig
 
-
 PACKAGED = Path(__file__).parent.parent / "configs"
 
 # Bounds on any YAML plait reads: nesting depth, and nodes after aliases are expanded (a config

@@ -8,7 +8,15 @@ from plait.data.emoji import EmojiDataset, base_of
 from plait.data.registry import build_dataset
 from plait.data.subset import SubsetPairDataset, carve_validation
 from plait.data.synthetic import InformationGapDataset
-from plait.data.tasks import EmojiEntailment, EmojiReasoning, EmojiVQA, TaskSubset, build_task, carve_task_validation, collate_task
+from plait.data.tasks import (
+    EmojiEntailment,
+    EmojiReasoning,
+    EmojiVQA,
+    TaskSubset,
+    build_task,
+    carve_task_validation,
+    collate_task,
+)
 from plait.data.uci import UCIMultipleFeatures
 from plait.data.user import CsvPairDataset, FolderPairDataset
 

@@ -32,6 +32,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
+from plait._checks import is_int
 from plait.registry import Registry
 
 STOP_WORDS = frozenset(
@@ -275,7 +276,7 @@ class ImageAugment(_SeededModule):
         super().__init__()
         import kornia.augmentation as K
 
-        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        if not (is_int(image_size) and image_size >= 1):
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         low, high = crop_scale
         if not 0.0 < low <= high <= 1.0:

@@ -48,6 +48,7 @@ from typing import Callable
 
 import numpy as np
 
+from plait._checks import is_int
 from plait.atomic import atomic_write, atomic_write_text
 
 CSV_NAME = "pairs.csv"
@@ -164,9 +165,9 @@ def build_csv_dataset(name: str, out_dir: Path, image_size: int = 32, limit: int
     key = str(name).lower()
     if key not in BUILDERS:
         raise ValueError(f"unknown dataset to build {name!r}; valid names: {', '.join(sorted(BUILDERS))}")
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 8:
+    if not (is_int(image_size) and image_size >= 8):
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+    if limit is not None and not (is_int(limit) and limit >= 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     rows, pngs = BUILDERS[key](image_size, limit)
     out_dir = Path(out_dir).expanduser()

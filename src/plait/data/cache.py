@@ -61,6 +61,7 @@ import PIL
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from plait._checks import is_int
 from plait.atomic import atomic_write
 
 CACHE_VERSION = "2"  # bump when decoding changes, so old cache files are not reused
@@ -256,7 +257,7 @@ class ImageCache:
         A path that is missing, not a regular file or does not decode gives an all-zero image
         and its error, which names the path.
         """
-        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        if not (is_int(image_size) and image_size >= 1):
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         paths = [Path(p) for p in paths]
         keys, errors = [], []

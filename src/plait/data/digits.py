@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from plait._checks import is_int
 from plait.data.base import PairDataset, check_split, select_split, stratified_split
 from plait.data.uci import DIGIT_NAMES
 
@@ -43,7 +44,7 @@ class DigitsDataset(PairDataset):
     def __init__(self, split: str = "train", image_size: int = 8, seed: int = 0, test_size: int | float = 0.2):
         super().__init__()
         check_split(split)
-        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        if not (is_int(image_size) and image_size >= 1):
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         images, labels = load_digits_arrays()
         train, test = stratified_split(labels, test_size, seed)

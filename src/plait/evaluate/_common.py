@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from plait._checks import integer_vector
+from plait._checks import integer_vector, is_int
 
 
 def as_features(features: Tensor, name: str) -> Tensor:
@@ -57,7 +57,7 @@ def check_chunk_size(chunk_size: int | None, total: int, gallery: int) -> int:
     """
     if chunk_size is None:
         return max(1, min(total, AUTO_CHUNK_SCORES // max(gallery, 1)))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if not (is_int(chunk_size) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     return chunk_size
 
@@ -66,7 +66,7 @@ def check_ks(ks: Sequence[int], name: str = "ks") -> tuple[int, ...]:
     if isinstance(ks, int):
         ks = (ks,)
     ks = tuple(ks)
-    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+    if not ks or any(not (is_int(k) and k >= 1) for k in ks):
         raise ValueError(f"{name} must be a non-empty sequence of positive integers, got {ks!r}")
     return ks
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from plait.evaluate.evaluator import evaluator
+from plait._checks import is_int
 from plait.evaluate._common import (
     as_features,
     as_labels,
@@ -20,6 +20,7 @@ from plait.evaluate._common import (
     stable_topk,
     unit_rows,
 )
+from plait.evaluate.evaluator import evaluator
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 VALIDATION_FRACTION = 0.2
@@ -35,7 +36,7 @@ def few_shot_indices(labels: Tensor, shots: int, seed: int = 0) -> Tensor:
 
     Every class present in ``labels`` (N,) must have at least ``shots`` items. Returns (C * shots,).
     """
-    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+    if not (is_int(shots) and shots >= 1):
         raise ValueError(f"shots must be a positive integer, got {shots!r}")
     if not isinstance(labels, Tensor) or labels.dim() != 1:
         raise ValueError(f"labels must be a 1-D integer torch.Tensor, got {labels!r}")
@@ -199,7 +200,7 @@ def knn_accuracy(
     train_x, train_y = _split(train_x, train_y, "train")
     test_x, test_y = _split(test_x, test_y, "test")
     same_dim_and_device(train_x, test_x, "train_x", "test_x")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= train_x.shape[0]:
+    if not (is_int(k) and 1 <= k <= train_x.shape[0]):
         raise ValueError(f"k must be an integer in [1, {train_x.shape[0]}] (the training set size), got {k!r}")
     if weighting not in ("exp", "uniform"):
         raise ValueError(f"weighting must be 'exp' or 'uniform', got {weighting!r}")

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from plait.atomic import atomic_write_text
-from plait.evaluate.curves import is_number as _is_number
+from plait.atomic import atomic_write_text, save_figure
 from plait.evaluate.curves import integer_ticks, read_records, series
-from plait.atomic import save_figure
+from plait.evaluate.curves import is_number as _is_number
 
 IDENTITY_FIELDS = ("name", "loss", "batch_size")
 _NOT_METRICS = {"step", "epoch", "split", "lr", "samples_per_s", "time", "wall_time", "elapsed_s"}

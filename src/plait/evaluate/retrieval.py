@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from plait.evaluate.evaluator import evaluator
+from plait._checks import is_int
 from plait.evaluate._common import (
     as_features,
     as_labels,
@@ -20,6 +20,7 @@ from plait.evaluate._common import (
     stable_topk,
     unit_rows,
 )
+from plait.evaluate.evaluator import evaluator
 
 
 def retrieval_ranks(
@@ -120,7 +121,7 @@ def topk_texts(image_features: Tensor, text_features: Tensor, k: int = 5, chunk_
     images = as_features(image_features, "image_features")
     texts = as_features(text_features, "text_features")
     same_dim_and_device(images, texts, "image_features", "text_features")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= texts.shape[0]:
+    if not (is_int(k) and 1 <= k <= texts.shape[0]):
         raise ValueError(f"k must be an integer in [1, {texts.shape[0]}] (the number of captions), got {k!r}")
     step = check_chunk_size(chunk_size, images.shape[0], texts.shape[0])
     images, texts = unit_rows(images), unit_rows(texts)

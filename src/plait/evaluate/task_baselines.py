@@ -20,7 +20,6 @@ VQA answers outside the training vocabulary (label -1) count as wrong in every r
 from __future__ import annotations
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression

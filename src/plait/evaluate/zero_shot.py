@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from plait.evaluate.evaluator import evaluator
 from plait.evaluate._common import (
     as_features,
     as_labels,
@@ -20,6 +19,7 @@ from plait.evaluate._common import (
     same_dim_and_device,
     unit_rows,
 )
+from plait.evaluate.evaluator import evaluator
 
 
 def build_prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[list[str]]:

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from plait.losses import GammaContrastiveLoss, InfoNCELoss, SogCLRLoss, generalized_contrastive_loss
 from plait.atomic import atomic_write_text, save_figure
+from plait.losses import GammaContrastiveLoss, InfoNCELoss, SogCLRLoss, generalized_contrastive_loss
 
 # name -> (loss class name, options). Every gamma variant uses the loss's defaults unless named.
 # E1 studies the estimators as the paper states them: the anchor-side gradient over the table

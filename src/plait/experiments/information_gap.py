@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from plait.experiments._runs import run_many
 from plait.atomic import atomic_write_text, save_figure
+from plait.experiments._runs import run_many
 
 PRIVATE_BITS = (0, 1, 2, 3)
 LABEL_BITS = 4

@@ -16,9 +16,9 @@ import statistics
 import time
 from pathlib import Path
 
+from plait.atomic import atomic_write_text, save_figure
 from plait.experiments._runs import run_many
 from plait.losses.regularizers import DEFAULT_WEIGHTS
-from plait.atomic import atomic_write_text, save_figure
 
 VARIANTS = {
     "none": [],

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from plait._checks import is_int
+
 BLOCK_ELEMENTS = 1 << 18
 DENSE_ELEMENTS = 1 << 14  # below this, plain autograd ops are faster than the block loop
 
@@ -151,7 +153,7 @@ def use_chunks(n_rows: int, chunk_size: int | None) -> bool:
 
 
 def check_chunk_size(chunk_size: int | None) -> int | None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and not (is_int(chunk_size) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     return chunk_size
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from plait._checks import is_int
 from plait.losses._batch import PairBatch
-from plait.losses.base import ContrastiveLoss
 from plait.losses._inputs import check_index, prepare_pair, resolve_scale
+from plait.losses.base import ContrastiveLoss
 
 
 class PerSampleState(ContrastiveLoss):
@@ -25,7 +26,7 @@ class PerSampleState(ContrastiveLoss):
 
     def __init__(self, dataset_size: int):
         super().__init__()
-        if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 2:
+        if not (is_int(dataset_size) and dataset_size >= 2):
             raise ValueError(f"dataset_size must be an integer >= 2, got {dataset_size!r}")
         self.dataset_size = dataset_size
         self.register_buffer("log_z", torch.zeros(2, dataset_size))

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor
 
+from plait._checks import is_int
 from plait.losses._batch import PairBatch
 from plait.losses._inputs import check_mode, check_temperature, prepare_pair, resolve_scale
 from plait.losses._logsumexp import CHUNK_ROWS, check_chunk_size
@@ -335,11 +336,11 @@ def _check_options(shape, estimator, gamma, gamma_decay_visits, bank_refresh_ste
     if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
         raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
     for name, value in (("gamma_decay_visits", gamma_decay_visits), ("bank_refresh_steps", bank_refresh_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not (is_int(value) and value >= 0):
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    if memory_candidates is not None and (not isinstance(memory_candidates, int) or memory_candidates < 1):
+    if memory_candidates is not None and not (is_int(memory_candidates) and memory_candidates >= 1):
         raise ValueError(f"memory_candidates must be a positive integer or None, got {memory_candidates!r}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if not (is_int(chunk_size) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if anchor_gradient not in ANCHOR_GRADIENTS:
         raise ValueError(f"anchor_gradient must be one of {ANCHOR_GRADIENTS}, got {anchor_gradient!r}")

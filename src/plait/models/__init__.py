@@ -17,8 +17,8 @@ from plait.models.vision import MLPEncoder, SmallCNN, SmallViT
 from plait.models.text import BagOfWordsEncoder, MiniLMEncoder, TransformerTextEncoder, WordPieceTokenizer
 # isort: on
 
-from plait.models.two_tower import DEFAULT_ENCODERS, MAX_LOGIT_SCALE, ProjectionHead, TwoTower
 from plait.models.fusion import FusionModel
+from plait.models.two_tower import DEFAULT_ENCODERS, MAX_LOGIT_SCALE, ProjectionHead, TwoTower
 from plait.registry import Registry
 
 MODEL_KINDS = Registry("model kind")  # model.kind -> the model class (its from_config builds it)

@@ -17,8 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from plait.atomic import display_path
 from plait.checkpoint import load_checkpoint
-from plait.config import (ALWAYS_MAY_CHANGE, DATA_LOCATION, RESUME_MAY_CHANGE, SCHEDULE_KEYS, config_differences, from_yaml,
-                          show)
+from plait.config import ALWAYS_MAY_CHANGE, DATA_LOCATION, RESUME_MAY_CHANGE, SCHEDULE_KEYS, config_differences, from_yaml, show
 from plait.training import state as train_state
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

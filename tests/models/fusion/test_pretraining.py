@@ -17,8 +17,14 @@ from plait.models.contract import ObjectiveError
 from plait.models.fusion import FeatureQueue, momentum_itc_loss, same_caption, sample_hard_negatives
 from plait.models.fusion.layers import MLMHead
 from plait.models.fusion.objectives import IGNORE
-from plait.models.fusion.pretraining import (PretrainStates, check_pretrain_batch, fuse_with_hard_negatives, itc_term,
-                                             itm_term, mlm_term)
+from plait.models.fusion.pretraining import (
+    PretrainStates,
+    check_pretrain_batch,
+    fuse_with_hard_negatives,
+    itc_term,
+    itm_term,
+    mlm_term,
+)
 
 B, T, D, V, E = 4, 5, 6, 11, 3  # pairs, tokens, width, vocabulary, embed_dim
 

@@ -4,8 +4,13 @@ ITC / ITM / MLM pre-training computed inside the model, and fine-tuning heads (d
 from plait.models.fusion.encoders import FusionEncoder, ImageTokenEncoder, TextEncoder, init_from_minilm, minilm_weights
 from plait.models.fusion.heads import TASK_CLASSES, FusionClassifier
 from plait.models.fusion.model import LOSS_TERMS, FusionModel
-from plait.models.fusion.objectives import (mask_tokens, momentum_itc_loss, negative_probabilities, same_caption,
-                                            sample_hard_negatives)
+from plait.models.fusion.objectives import (
+                                            mask_tokens,
+                                            momentum_itc_loss,
+                                            negative_probabilities,
+                                            same_caption,
+                                            sample_hard_negatives,
+)
 from plait.models.fusion.presets import PRESETS, build_fusion_model, preset_options
 from plait.models.fusion.queue import FeatureQueue
 

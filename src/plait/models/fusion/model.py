@@ -14,12 +14,24 @@ from torch import Tensor, nn
 
 from plait import distributed
 from plait.models.contract import Batch, ContrastiveModel, StepOutput, apply_objective
-from plait.models.fusion.encoders import (MINILM, FusionEncoder, ImageTokenEncoder, TextEncoder, check_minilm_shape,
-                                          init_from_minilm)
+from plait.models.fusion.encoders import (
+    MINILM,
+    FusionEncoder,
+    ImageTokenEncoder,
+    TextEncoder,
+    check_minilm_shape,
+    init_from_minilm,
+)
 from plait.models.fusion.layers import MLMHead, init_bert_
 from plait.models.fusion.objectives import mask_tokens
-from plait.models.fusion.pretraining import (PretrainStates, check_pretrain_batch, fuse_with_hard_negatives, itc_term, itm_term,
-                                             mlm_term)
+from plait.models.fusion.pretraining import (
+    PretrainStates,
+    check_pretrain_batch,
+    fuse_with_hard_negatives,
+    itc_term,
+    itm_term,
+    mlm_term,
+)
 from plait.models.fusion.queue import FeatureQueue
 from plait.models.momentum import update_momentum
 from plait.models.text import WordPieceTokenizer

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from plait._checks import is_int
+
 
 class FeatureQueue(nn.Module):
     """Q slots of momentum image features (Q, E), text features (Q, E) and dataset indices (Q,).
@@ -18,7 +20,7 @@ class FeatureQueue(nn.Module):
 
     def __init__(self, size: int, dim: int):
         super().__init__()
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        if not (is_int(size) and size >= 0):
             raise ValueError(f"queue_size must be a non-negative integer, got {size!r}")
         self.size = size
         self.register_buffer("image", torch.zeros(size, dim))

@@ -1,19 +1,24 @@
 # Two commands do everything on a fresh machine:
 #   make demo   -- create .venv, install plait, run the main job on the embedded emoji data
 #   make test   -- create .venv, install plait with its test extras, run the test suite
+# (CI runs `make lint` too: .ci/run)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; install it before anything that depends on torch (see README).
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench experiments clean
+.PHONY: demo test lint bench experiments clean
 
 demo: $(VENV)/.installed
 	$(BIN)/plait experiment small-batch --out runs/small-batch
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
+
+# ruff: pyflakes, pycodestyle, import order, docstrings of the public API (pyproject.toml [tool.ruff])
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check src tests benchmarks
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/loss_speed.py

@@ -69,14 +69,16 @@ def _reason(error: Exception) -> str:
     text = str(error)
     found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
     if found:
-        return f"its pickle names the global {found.group(1).rstrip('.')}, which is not a tensor or plain data (refused without running it)"
+        return (f"its pickle names the global {found.group(1).rstrip('.')}, which is not a tensor or plain data "
+                "(refused without running it)")
     found = re.search(r"Unsupported operand (\d+)", text)
     if found:
         code = int(found.group(1))
         name = _OPCODES.get(code)
         if name is None:
             return f"not a torch checkpoint (byte {code} is not a pickle opcode; nothing was run)"
-        return f"its pickle uses opcode {code} ({name}), which the weights-only loader refuses (nothing was run; not a file written by torch.save?)"
+        return (f"its pickle uses opcode {code} ({name}), which the weights-only loader refuses "
+                "(nothing was run; not a file written by torch.save?)")
     lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
     if "Weights only load failed" in text or isinstance(error, pickle.UnpicklingError):
         detail = next((line for line in lines if "WeightsUnpickler error" in line), "")
@@ -146,7 +148,8 @@ def _safetensors_metadata(data: bytes, path: Path) -> dict[str, str]:
         raise ValueError(f"{_show(path)} is not a safetensors file (only {len(data)} bytes)")
     size = int.from_bytes(data[:8], "little")
     if size < 2 or 8 + size > len(data):
-        raise ValueError(f"{_show(path)} is not a safetensors file or is truncated (header of {size} bytes in a {len(data)}-byte file)")
+        raise ValueError(f"{_show(path)} is not a safetensors file or is truncated "
+                         f"(header of {size} bytes in a {len(data)}-byte file)")
     try:
         header = json.loads(data[8:8 + size].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -226,7 +226,8 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     ids = [device.index] if device.type == "cuda" else None
     # torch 2.13 renamed broadcast_buffers (deprecated) to forward_sync_buffers
-    key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+    key = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+           else "broadcast_buffers")
     return DistributedDataParallel(module, device_ids=ids, **{key: has_batch_norm(module)})
 
 
@@ -284,7 +285,8 @@ def launch_local(nproc: int, program: str, arguments: list[str], monitor_interva
         def cause_first(item):
             code = item[1].exitcode
             # own error; killed by a signal (OOM, segfault) but not the agent's SIGTERM; peer stopped; SIGTERM
-            order = 0 if code > 0 and code != PEER_STOPPED else 1 if code < 0 and code != -15 else 2 if code == PEER_STOPPED else 3
+            order = (0 if code > 0 and code != PEER_STOPPED else 1 if code < 0 and code != -15
+                     else 2 if code == PEER_STOPPED else 3)
             return order, item[1].timestamp, item[0]
 
         rank, failure = min(error.failures.items(), key=cause_first)

@@ -30,7 +30,8 @@ def select_device(name: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"train.device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 ...)")
+            raise ValueError(f"train.device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             "(cuda:0 ...)")
     if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ValueError(f"train.device={name!r} but MPS is not available on this machine")
     return device

@@ -319,7 +319,8 @@ class EmojiVQA(EmojiTask):
                  test_fraction: float = 0.2, split_seed: int = 0, cache_dir=None):
         super().__init__(split, image_size, seed, test_fraction, split_seed, cache_dir)
         self.per_image = _positive(per_image, "per_image")
-        train = self.emoji if split == "train" else EmojiDataset("train", image_size=image_size, test_fraction=test_fraction, seed=split_seed, cache_dir=cache_dir)
+        train = self.emoji if split == "train" else EmojiDataset("train", image_size=image_size, test_fraction=test_fraction,
+                                                                 seed=split_seed, cache_dir=cache_dir)
         names = train.class_names
         vocabulary = ["yes", "no"]
         vocabulary += [names["group"][g] for g in sorted(set(train.labels["group"].tolist()))]

@@ -266,8 +266,10 @@ def summary_table(result: dict) -> str:
             mine = {k[2:]: runs for k, runs in cells.items() if k[:2] == (dataset, budget)}
             if not mine:
                 continue
-            what = f"{BUDGETS[dataset]['steps']} steps per run" if budget == "steps" else f"{BUDGETS[dataset]['epochs']} epochs per run"
-            lines += [f"**{dataset}, equal {budget}** ({what}; test split, %, mean +- std over seeds; lr picked on validation)", "",
+            what = (f"{BUDGETS[dataset]['steps']} steps per run" if budget == "steps"
+                    else f"{BUDGETS[dataset]['epochs']} epochs per run")
+            lines += [f"**{dataset}, equal {budget}** ({what}; test split, %, mean +- std over seeds; "
+                      "lr picked on validation)", "",
                       "| loss | B | lr (x sqrt(B/32) base) | validation " + LABELS[spec["metric"]] + " | "
                       + " | ".join(f"test {LABELS[k]}" for k in keys) + " | seeds |",
                       "|---|---|---|---|" + "---|" * len(keys) + "---|"]

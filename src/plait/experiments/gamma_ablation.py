@@ -88,7 +88,8 @@ def _fmt(values: list[float]) -> str:
 def ablation_table(runs: list[dict], steps: int) -> str:
     """One row per variant: validation R@1 both ways (%) and the last staleness statistics."""
     lines = [f"emoji, B = {BATCH}, {steps} steps, validation split, mean +- std over seeds", "",
-             "| variant | image->text R@1 | text->image R@1 | staleness log error | one-batch log error | staleness log bias | seeds |",
+             "| variant | image->text R@1 | text->image R@1 | staleness log error | one-batch log error | "
+             "staleness log bias | seeds |",
              "|---|---|---|---|---|---|---|"]
     for name in VARIANTS:
         mine = [r for r in runs if r["variant"] == name]

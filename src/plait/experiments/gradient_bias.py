@@ -143,7 +143,8 @@ def train_scale(
     """
     generator = torch.Generator().manual_seed(1000 + seed)
     low, high = config.init_range
-    kappa = torch.nn.Parameter(torch.tensor(math.exp(math.log(low) + (math.log(high) - math.log(low)) * torch.rand((), generator=generator).item())))
+    kappa = torch.nn.Parameter(torch.tensor(math.exp(math.log(low) + (math.log(high) - math.log(low))
+                                                     * torch.rand((), generator=generator).item())))
     loss_fn = _build(method, a.shape[0], seed)
     optimizer = torch.optim.SGD([kappa], lr=config.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + step / config.lr_decay_steps))
@@ -266,7 +267,8 @@ def summary_rows(result: dict) -> list[dict]:
 def summary_table(result: dict) -> str:
     low, high = result["band"]
     lines = [
-        f"| method | B | runs | median kappa/kappa_inf | min | max | runs in [{low}, {high}] | state age (steps) | mean abs log(Zbatch/Zhat) |",
+        f"| method | B | runs | median kappa/kappa_inf | min | max | runs in [{low}, {high}] | state age (steps) | "
+        "mean abs log(Zbatch/Zhat) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
 

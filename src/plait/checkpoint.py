@@ -33,11 +33,15 @@ WEIGHTS_FORMAT = "plait-weights-1"
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """``state`` (with the checkpoint format tag) written with ``torch.save``, atomically: an
+    interrupted write leaves the previous checkpoint whole. Returns ``path``."""
     payload = {"format": FORMAT, **state}
     return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """The state dict a checkpoint holds, loaded with ``weights_only=True`` (no code runs); a
+    missing, unreadable or non-plait file is a one-line ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {_show(path)} does not exist")

@@ -199,6 +199,8 @@ REUSE_HELP = "keep runs whose directory already holds the final evaluation of th
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``plait`` argument parser (train, eval, finetune, report, data build, experiment ...); each
+    command sets ``args.handler``, the function that runs it and returns the exit code."""
     parser = argparse.ArgumentParser(prog="plait", description="Contrastive representation learning without the large-batch tax.")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -197,6 +197,7 @@ def _read_yaml(path: Path) -> DictConfig:
 
 
 def to_yaml(config: DictConfig) -> str:
+    """The config as YAML text (what checkpoints, exported weights and run directories store)."""
     return OmegaConf.to_yaml(config)
 
 

@@ -96,6 +96,7 @@ _csv_limit_lock = threading.Lock()
 
 
 def check_bad_rows(bad_rows: str) -> str:
+    """``bad_rows`` if it is one of :data:`BAD_ROWS` ("error", "skip"); a ValueError otherwise."""
     if bad_rows not in BAD_ROWS:
         raise ValueError(f"bad_rows must be one of {', '.join(map(repr, BAD_ROWS))}, got {bad_rows!r}")
     return bad_rows

@@ -47,6 +47,8 @@ def embed(model, dataset, batch_size: int, device: torch.device, features: str =
 
 @torch.no_grad()
 def encode_texts(model, texts: list[str], batch_size: int, device: torch.device) -> torch.Tensor:
+    """(len(texts), d) float32 shared features of ``texts`` from tower b (eval mode, no gradient),
+    encoded ``batch_size`` texts at a time, on the CPU: the zero-shot prompts' embeddings."""
     model.eval()
     return torch.cat([model.encode_b(texts[i:i + batch_size]).float().cpu() for i in range(0, len(texts), batch_size)])
 

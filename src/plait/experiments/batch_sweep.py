@@ -88,6 +88,9 @@ def scaled_lr(base_lr: float, batch_size: int) -> float:
 
 def cell_settings(dataset: str, budget: str, loss: str, batch_size: int, multiplier: float, seed: int,
                    out: Path, base_lr: float, fit_size: int, quick: bool) -> tuple[Path, list[str]]:
+    """(run directory, overrides) of one run of a cell: lr = ``multiplier`` x ``base_lr`` x sqrt(B / 32),
+    the budget's steps or epochs (``fit_size`` training items per epoch), the validation carve and
+    about ``EVALUATIONS_PER_RUN`` evaluations during training."""
     run_dir = out / dataset / budget / f"{loss}-b{batch_size}-lr{multiplier:g}-s{seed}"
     steps_per_epoch = fit_size // batch_size
     if budget == "steps":
@@ -122,6 +125,8 @@ def _validation_score(run_dir: Path, metric: str) -> float:
 
 
 def fit_size(dataset: str, overrides) -> int:
+    """The number of training items left after the validation carve (``VALIDATION_FRACTION``) of
+    ``dataset``'s config with ``overrides``: the items one epoch trains on."""
     from plait.config import load_config
     from plait.data import build_dataset, carve_validation
 

@@ -53,6 +53,8 @@ def _last(run_dir: Path, split: str) -> dict:
 
 
 def run_gamma_ablation(out_dir, seeds: int = 3, workers: int = 2, reuse: bool = False, quick: bool = False, overrides=()) -> str:
+    """Train every variant of ``VARIANTS`` (emoji, B = 32, E2's equal-step budget) for ``seeds`` seeds,
+    evaluated on the validation split; write ``results.json`` and ``table.md`` and return the table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = 3 if quick else BUDGETS["emoji"]["steps"]

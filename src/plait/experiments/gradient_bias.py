@@ -49,6 +49,10 @@ COLORS = {
 
 @dataclass
 class GradientBiasConfig:
+    """E1's settings: the toy data (N pairs in ``dim`` dimensions, ``noise``), the batch sizes,
+    seeds and methods, SGD on kappa (steps, lr0 / (1 + t / t0), kappa's initial range), the
+    ``checkpoints`` log-spaced steps of the curves and the band counted as reaching kappa_inf."""
+
     dataset_size: int = 2048
     dim: int = 4
     noise: float = 0.5
@@ -265,6 +269,8 @@ def summary_rows(result: dict) -> list[dict]:
 
 
 def summary_table(result: dict) -> str:
+    """The markdown table of :func:`summary_rows` (one row per method and batch size), then
+    kappa_inf and minibatch InfoNCE's own optimum kappa_B / kappa_inf at each batch size."""
     low, high = result["band"]
     lines = [
         f"| method | B | runs | median kappa/kappa_inf | min | max | runs in [{low}, {high}] | state age (steps) | "

@@ -48,7 +48,8 @@ def communication(config_name: str, overrides: list[str], world: int = 2) -> dic
     from plait.models import build_model, input_spec
 
     config = load_config(config_name, overrides)
-    train_set = build_dataset(config.data.name, split="train", **(OmegaConf.to_container(config.data.options, resolve=True) or {}))
+    train_set = build_dataset(config.data.name, split="train",
+                              **(OmegaConf.to_container(config.data.options, resolve=True) or {}))
     objective = build_objective(config, len(train_set))
     model = build_model(OmegaConf.to_container(config.model, resolve=True), input_spec(train_set),
                         independent=objective.needs_independent)

@@ -187,7 +187,8 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 CPU, B = {args.batch}, "
           f"d = {args.dim}, temperature {TEMPERATURE}, time: median of {args.repeats} runs\n")
-    print("| loss | computation | peak MB | peak x unchunked | fwd+bwd s | time x unchunked | max abs diff: value | max abs diff: gradient (max abs gradient) |")
+    print("| loss | computation | peak MB | peak x unchunked | fwd+bwd s | time x unchunked | "
+          "max abs diff: value | max abs diff: gradient (max abs gradient) |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         for name in args.losses:

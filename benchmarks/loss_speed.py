@@ -56,7 +56,8 @@ def _pml_clip_loss():
 
     def loss(a, b, index):
         labels = torch.arange(a.shape[0])
-        return (ntxent(a, labels, ref_emb=b, ref_labels=labels.clone()) + ntxent(b, labels, ref_emb=a, ref_labels=labels.clone())) / 2
+        return (ntxent(a, labels, ref_emb=b, ref_labels=labels.clone())
+                + ntxent(b, labels, ref_emb=a, ref_labels=labels.clone())) / 2
 
     return loss
 
@@ -186,7 +187,8 @@ def main() -> None:
         fns = {}
         for name, fn in _candidates(batch, args.dim, args.chunk_sizes).items():
             if _skip(name, batch, args):
-                print(f"| {name} | {batch} | not run: builds B^2 pair-index tensors (B=1024 exceeded a 16 GB memory limit) | | | | | |")
+                print(f"| {name} | {batch} | not run: builds B^2 pair-index tensors "
+                      f"(B=1024 exceeded a 16 GB memory limit) | | | | | |")
                 continue
             fns[name] = fn
         times = median_times(fns, batch, args.dim, args.repeats)

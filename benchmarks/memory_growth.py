@@ -131,7 +131,8 @@ def main() -> int:
         if args.tracemalloc and step == 2000:
             tracemalloc.start(8)
             snapshots["start"] = tracemalloc.take_snapshot()
-        if args.tracemalloc and step == args.steps and "end" not in snapshots and tracemalloc.is_tracing():  # the last step, before the evaluation
+        # the last step, before the evaluation
+        if args.tracemalloc and step == args.steps and "end" not in snapshots and tracemalloc.is_tracing():
             snapshots["end"] = tracemalloc.take_snapshot()
 
     def sampling_log(record: dict) -> None:
@@ -171,7 +172,8 @@ def main() -> int:
         rss_slope = slope([(s["step"], s["rss_mib"]) for s in window])
         objects = final["gc_objects"] - first["gc_objects"]
         objects_slope = slope([(s["step"], s["gc_objects"]) for s in window])
-        state_same = all(s["loss_state_bytes"] == first["loss_state_bytes"] and s["optimizer_state_bytes"] == first["optimizer_state_bytes"]
+        state_same = all(s["loss_state_bytes"] == first["loss_state_bytes"]
+                         and s["optimizer_state_bytes"] == first["optimizer_state_bytes"]
                          for s in window)
         top = max(window, key=lambda s: s["rss_mib"])
         # the allocator now and then holds a few MiB (once ~20) for a sample or two, then returns them:

@@ -24,7 +24,8 @@ from plait.training import Trainer
 def hand_loop(trainer: Trainer, steps: int) -> float:
     """The loop a user would write: DataLoader, forward, loss, backward, clip, step. Seconds."""
     model, loss_fn, optimizer = trainer.model, trainer.loss_fn.base, trainer.optimizer
-    loader = torch.utils.data.DataLoader(trainer.train_set, batch_size=trainer.config.data.batch_size, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(trainer.train_set, batch_size=trainer.config.data.batch_size,
+                                         shuffle=True, drop_last=True)
     image_augment = trainer.augment["a"] if trainer.config.data.augment.image else None
     text_augment = trainer.augment["b"] if trainer.config.data.augment.text else None
     done = 0

@@ -124,6 +124,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], temp_dir: 
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
+    """``text`` written to ``path`` as UTF-8, atomically (:func:`atomic_write`); returns ``path``."""
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 

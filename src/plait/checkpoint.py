@@ -33,11 +33,15 @@ WEIGHTS_FORMAT = "plait-weights-1"
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """``state`` (with the checkpoint format tag) written with ``torch.save``, atomically: an
+    interrupted write leaves the previous checkpoint whole. Returns ``path``."""
     payload = {"format": FORMAT, **state}
     return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """The state dict a checkpoint holds, loaded with ``weights_only=True`` (no code runs); a
+    missing, unreadable or non-plait file is a one-line ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {_show(path)} does not exist")
@@ -69,14 +73,16 @@ def _reason(error: Exception) -> str:
     text = str(error)
     found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
     if found:
-        return f"its pickle names the global {found.group(1).rstrip('.')}, which is not a tensor or plain data (refused without running it)"
+        return (f"its pickle names the global {found.group(1).rstrip('.')}, which is not a tensor or plain data "
+                "(refused without running it)")
     found = re.search(r"Unsupported operand (\d+)", text)
     if found:
         code = int(found.group(1))
         name = _OPCODES.get(code)
         if name is None:
             return f"not a torch checkpoint (byte {code} is not a pickle opcode; nothing was run)"
-        return f"its pickle uses opcode {code} ({name}), which the weights-only loader refuses (nothing was run; not a file written by torch.save?)"
+        return (f"its pickle uses opcode {code} ({name}), which the weights-only loader refuses "
+                "(nothing was run; not a file written by torch.save?)")
     lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
     if "Weights only load failed" in text or isinstance(error, pickle.UnpicklingError):
         detail = next((line for line in lines if "WeightsUnpickler error" in line), "")
@@ -146,7 +152,8 @@ def _safetensors_metadata(data: bytes, path: Path) -> dict[str, str]:
         raise ValueError(f"{_show(path)} is not a safetensors file (only {len(data)} bytes)")
     size = int.from_bytes(data[:8], "little")
     if size < 2 or 8 + size > len(data):
-        raise ValueError(f"{_show(path)} is not a safetensors file or is truncated (header of {size} bytes in a {len(data)}-byte file)")
+        raise ValueError(f"{_show(path)} is not a safetensors file or is truncated "
+                         f"(header of {size} bytes in a {len(data)}-byte file)")
     try:
         header = json.loads(data[8:8 + size].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -6,7 +6,8 @@
     plait finetune FUSION_WEIGHTS --task vqa|reasoning|entailment [key=value ...]
     plait report RUN_DIR [--html]
     plait data build NAME --out DIR [--image-size N] [--limit N]
-    plait experiment {gradient-bias, small-batch, batch-sweep, gamma-ablation, information-gap, regularizers, fusion, task-baselines} [options]
+    plait experiment {gradient-bias, small-batch, batch-sweep, gamma-ablation, information-gap, regularizers, fusion,
+                      task-baselines} [options]
 
 Exit codes: 0 done; 2 bad input (config, data, files, command line), said in one line on stderr;
 1 a bug in plait (its traceback, then one line saying so); 3 (a torchrun worker) stopped because
@@ -78,7 +79,8 @@ def _launch(args: argparse.Namespace, overrides: list[str], resume: bool | str) 
     if failed is None:
         return EXIT_OK
     rank, code = failed
-    print(f"plait: error: the distributed run stopped: rank {rank} exited with code {code} (its message is above)", file=sys.stderr)
+    print(f"plait: error: the distributed run stopped: rank {rank} exited with code {code} (its message is above)",
+          file=sys.stderr)
     return EXIT_USER_ERROR if code == EXIT_USER_ERROR else EXIT_BUG
 
 
@@ -197,6 +199,8 @@ REUSE_HELP = "keep runs whose directory already holds the final evaluation of th
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``plait`` argument parser (train, eval, finetune, report, data build, experiment ...); each
+    command sets ``args.handler``, the function that runs it and returns the exit code."""
     parser = argparse.ArgumentParser(prog="plait", description="Contrastive representation learning without the large-batch tax.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -209,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="OUTPUT_DIR holds another run: delete the files plait wrote there and start again")
     train.add_argument("--allow-import", action="store_true", help=ALLOW_IMPORT_HELP)
     train.add_argument("--nproc", type=int, default=None, metavar="N",
-                       help="train with N processes on this machine (torchrun's elastic agent; data.batch_size is the global batch)")
+                       help="train with N processes on this machine "
+                            "(torchrun's elastic agent; data.batch_size is the global batch)")
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate exported weights (model.safetensors) or a checkpoint")
@@ -224,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("weights", help="model.safetensors or checkpoint.pt of a fusion run (model.kind: fusion)")
     tune.add_argument("--task", required=True, choices=["vqa", "reasoning", "entailment"])
     tune.add_argument("--allow-import", action="store_true", help=ALLOW_IMPORT_HELP)
-    tune.add_argument("overrides", nargs="*", help="e.g. epochs=5 lr=1e-4 batch_size=32 output_dir=runs/vqa (plait.finetune.FinetuneConfig)")
+    tune.add_argument("overrides", nargs="*",
+                      help="e.g. epochs=5 lr=1e-4 batch_size=32 output_dir=runs/vqa (plait.finetune.FinetuneConfig)")
     tune.set_defaults(handler=_finetune)
 
     report = commands.add_parser("report", help="write report.md (loss curves, metrics, gallery) for a run directory")
@@ -244,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     experiment = commands.add_parser("experiment", help="reproduce an experiment of the papers")
     experiments = experiment.add_subparsers(dest="experiment", required=True)
 
-    bias = experiments.add_parser("gradient-bias", help="E1: kappa / kappa_inf of InfoNCE, SogCLR and the gamma loss on the Gaussian toy")
+    bias = experiments.add_parser("gradient-bias",
+                                  help="E1: kappa / kappa_inf of InfoNCE, SogCLR and the gamma loss on the Gaussian toy")
     bias.add_argument("--out", default="runs/gradient-bias", help="output directory (default: %(default)s)")
     bias.add_argument("--quick", action="store_true", help="3 seeds, B = 4, 600 steps: a few seconds")
     bias.add_argument("--seeds", type=int, default=None, help="runs per method and batch size (default 10)")
@@ -254,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     bias.add_argument("--no-progress", action="store_true", help="no progress bar")
     bias.set_defaults(handler=_experiment_gradient_bias)
 
-    small = experiments.add_parser("small-batch", help="the main job: emoji, gamma loss at B=32 vs InfoNCE at B=32 and B=128, equal steps, tuned lr, 3 seeds")
+    small = experiments.add_parser("small-batch", help="the main job: emoji, gamma loss at B=32 vs InfoNCE at B=32 and B=128, "
+                                                        "equal steps, tuned lr, 3 seeds")
     small.add_argument("--out", default="runs/small-batch")
     small.add_argument("--quick", action="store_true", help="a few steps per run: seconds")
     small.add_argument("--workers", type=int, default=2, help="parallel runs")
@@ -271,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--cells", nargs="+", metavar="LOSS:B[,B]",
                        help="run only these cells, e.g. infonce:32,512 gamma:32 (default: infonce:32,128,512 gamma:8,16,32)")
     sweep.add_argument("--max-extensions", type=int, default=2, metavar="N",
-                       help="grid steps past the grid's edge a cell's lr search may take when its best lr is an edge (default: 2; 0: none)")
+                       help="grid steps past the grid's edge a cell's lr search may take when its best lr is an edge "
+                            "(default: 2; 0: none)")
     sweep.add_argument("--seeds", type=int, default=3)
     sweep.add_argument("--workers", type=int, default=2)
     sweep.add_argument("--quick", action="store_true", help="2 learning rates, 2 seeds, 3 steps per run")
@@ -279,20 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     sweep.set_defaults(handler=_experiment_batch_sweep)
 
-    ablation = experiments.add_parser("gamma-ablation", help="the gamma loss's E-step choices one at a time (emoji, B=32, validation)")
+    ablation = experiments.add_parser("gamma-ablation",
+                                      help="the gamma loss's E-step choices one at a time (emoji, B=32, validation)")
     _run_options(ablation, "runs/gamma-ablation", seeds=3, quick="1 seed, 3 steps per run")
     ablation.set_defaults(handler=_experiment_gamma_ablation)
 
-    fusion = experiments.add_parser("fusion", help="E5: fusion pre-training (ALBEF, +Sep, +Br, +GC), fine-tuned on VQA, reasoning, entailment")
+    fusion = experiments.add_parser("fusion", help="E5: fusion pre-training (ALBEF, +Sep, +Br, +GC), "
+                                                  "fine-tuned on VQA, reasoning, entailment")
     _run_options(fusion, "runs/fusion-tuned", seeds=3, quick="2 steps per run, small images", overrides=False)
     fusion.add_argument("--lrs", type=float, nargs="+", help="the pre-training lr grid (default: the module's LRS)")
-    fusion.add_argument("--weight-multipliers", type=float, nargs="+", help="x each regulariser's default weight (must include 1)")
+    fusion.add_argument("--weight-multipliers", type=float, nargs="+",
+                        help="x each regulariser's default weight (must include 1)")
     fusion.add_argument("--variants", nargs="+", choices=["albef", "sep", "br", "gc"], help="a subset of the variants")
     fusion.add_argument("--steps", type=int, help="pre-training steps of every run")
     fusion.add_argument("--until", choices=["lr", "weight", "seeds"], default="seeds", help="stop after this phase")
     fusion.set_defaults(handler=_experiment_fusion)
 
-    baselines = experiments.add_parser("task-baselines", help="text-only, image-only and majority baselines of the three fusion tasks")
+    baselines = experiments.add_parser("task-baselines",
+                                       help="text-only, image-only and majority baselines of the three fusion tasks")
     baselines.add_argument("--image-size", type=int, default=16)
     baselines.add_argument("--seed", type=int, default=0)
     baselines.set_defaults(handler=_experiment_task_baselines)

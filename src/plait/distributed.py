@@ -48,10 +48,12 @@ def active() -> bool:
 
 
 def rank() -> int:
+    """This process's rank in the process group (0 outside one)."""
     return dist.get_rank() if active() else 0
 
 
 def world_size() -> int:
+    """The number of ranks W in the process group (1 outside one)."""
     return dist.get_world_size() if active() else 1
 
 
@@ -61,6 +63,7 @@ def is_main() -> bool:
 
 
 def local_rank() -> int:
+    """This process's rank on its machine, from torchrun's LOCAL_RANK (0 when unset): its CUDA device."""
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -201,6 +204,7 @@ def broadcast_error(message: str | None) -> str | None:
 
 
 def barrier() -> None:
+    """Wait until every rank gets here (nothing outside a process group)."""
     if active():
         dist.barrier()
 
@@ -210,6 +214,8 @@ def _collective_device() -> torch.device:
 
 
 def has_batch_norm(module: torch.nn.Module) -> bool:
+    """Whether any submodule of ``module`` is a BatchNorm layer (its running statistics are buffers
+    that DDP must keep in sync)."""
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
@@ -226,7 +232,8 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     ids = [device.index] if device.type == "cuda" else None
     # torch 2.13 renamed broadcast_buffers (deprecated) to forward_sync_buffers
-    key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+    key = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+           else "broadcast_buffers")
     return DistributedDataParallel(module, device_ids=ids, **{key: has_batch_norm(module)})
 
 
@@ -284,7 +291,8 @@ def launch_local(nproc: int, program: str, arguments: list[str], monitor_interva
         def cause_first(item):
             code = item[1].exitcode
             # own error; killed by a signal (OOM, segfault) but not the agent's SIGTERM; peer stopped; SIGTERM
-            order = 0 if code > 0 and code != PEER_STOPPED else 1 if code < 0 and code != -15 else 2 if code == PEER_STOPPED else 3
+            order = (0 if code > 0 and code != PEER_STOPPED else 1 if code < 0 and code != -15
+                     else 2 if code == PEER_STOPPED else 3)
             return order, item[1].timestamp, item[0]
 
         rank, failure = min(error.failures.items(), key=cause_first)

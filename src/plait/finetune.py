@@ -49,14 +49,15 @@ def check_no_leak(pretrain, config, weights) -> None:
     used = {"test_fraction": options.get("test_fraction", 0.2), "seed": options.get("seed", 0)}
     if pretrain.data.name not in ("emoji", "twemoji") or used != wanted:
         raise ValueError(f"{weights}: pre-trained on {pretrain.data.name} with {used}, the {config.task} task splits emoji with "
-                         f"{wanted}: its test emoji could have been pre-training pairs (set task_options.test_fraction / split_seed to match)")
+                         f"{wanted}: its test emoji could have been pre-training pairs "
+                         "(set task_options.test_fraction / split_seed to match)")
 
 
 def _loader(dataset, batch_size: int, generator: torch.Generator | None = None):
     from plait.data.tasks import collate_task
 
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None, drop_last=generator is not None,
-                                       collate_fn=collate_task, generator=generator)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None,
+                                       drop_last=generator is not None, collate_fn=collate_task, generator=generator)
 
 
 @torch.no_grad()
@@ -112,7 +113,8 @@ def _fit(classifier: nn.Module, fit_set, validation_set, config, device: torch.d
             update.scale(loss).backward()
             if not update(loss.detach(), classifier.parameters()).finite:
                 what = "loss" if not bool(torch.isfinite(loss.detach())) else "gradient"
-                raise ValueError(f"non-finite {what} at fine-tuning step {step} (epoch {epoch}, items {index[:8].tolist()}); lower lr")
+                raise ValueError(f"non-finite {what} at fine-tuning step {step} "
+                                 f"(epoch {epoch}, items {index[:8].tolist()}); lower lr")
             running.append(float(loss.detach()))
             step += 1
             if step >= total:

@@ -30,7 +30,8 @@ def select_device(name: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"train.device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 ...)")
+            raise ValueError(f"train.device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             "(cuda:0 ...)")
     if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ValueError(f"train.device={name!r} but MPS is not available on this machine")
     return device
@@ -57,6 +58,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or a context that does nothing when
+    ``dtype`` is None (fp32 / fp64)."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -69,6 +72,8 @@ def parameter_dtype(precision: str) -> torch.dtype | None:
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python's, NumPy's (``seed`` mod 2^32) and torch's random generators; ``deterministic``
+    also makes torch use deterministic algorithms only (and turns cuDNN's benchmark off)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

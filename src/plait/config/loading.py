@@ -181,7 +181,8 @@ def _read_yaml(path: Path) -> DictConfig:
     try:
         data = safe_load_bounded(text)  # its shape first (and bounds); OmegaConf's own dialect (1e-3 is a float) for the values
         if data is not None and not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping of sections (data:, model:, ...), got {type(data).__name__}")
+            raise ValueError(f"config file {path} must hold a mapping of sections (data:, model:, ...), "
+                             f"got {type(data).__name__}")
         node = OmegaConf.create(text) if data else OmegaConf.create({})
     except _YamlLimit as error:
         raise ValueError(f"config file {path} is refused: {error}") from None
@@ -196,6 +197,7 @@ def _read_yaml(path: Path) -> DictConfig:
 
 
 def to_yaml(config: DictConfig) -> str:
+    """The config as YAML text (what checkpoints, exported weights and run directories store)."""
     return OmegaConf.to_yaml(config)
 
 

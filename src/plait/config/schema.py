@@ -42,6 +42,9 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
+    """The ``data`` section: the dataset (a registered name and its options), the batch size, an
+    optional validation carve, DataLoader workers and each modality's augmentation."""
+
     name: str = "emoji"
     options: dict[str, Any] = setting(factory=dict, free_options=("cache_dir",), location_options=("path", "test_path"))
     batch_size: int = 32
@@ -54,6 +57,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The ``model`` section: the model kind, each tower's encoder spec, the shared embedding
+    width, the (learnable) temperature and an optional projection hidden layer."""
+
     # two_tower (CLIP-style: a, b, embed_dim, ...) | fusion (ALBEF-style: the options in `fusion`,
     # e.g. {preset: tiny, queue_size: 1024}, see plait.models.fusion.FusionModel; embed_dim and
     # init_temperature apply too)
@@ -70,6 +76,9 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    """The ``loss`` section: the contrastive loss by registered name, its options, and whether
+    in-modal terms (each view against its augmented view) join the cross-modal ones."""
+
     name: str = "gamma"
     options: dict[str, Any] = field(default_factory=dict)
     in_modal: bool = False  # L_Con = 1/4 (V2T + T2V + V2V + T2T) with augmented views
@@ -77,6 +86,9 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    """The ``optim`` section: AdamW's settings, the budget (epochs, or optimizer steps), the
+    warm-up fraction of the warm-up + cosine lr schedule and gradient-norm clipping."""
+
     lr: float = 1e-3
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
@@ -92,6 +104,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """The ``train`` section: device and precision, logging, checkpointing and periodic
+    evaluation, the bank's momentum encoder, the non-finite policy, GradCache and torchrun."""
+
     device: str = setting("auto", resume=FREE)  # auto | cpu | cuda | cuda:N
     # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | fp64 (parameters and inputs) | bf16 | fp16
     precision: str = setting("auto", resume=DTYPE)
@@ -121,6 +136,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """The ``eval`` section: the evaluation tasks, the split, the label set and the few-shot
+    protocol of the probes, the encoding batch size, the gallery size and the probed features."""
+
     tasks: list[str] = field(default_factory=lambda: ["retrieval", "zero_shot", "linear_probe", "knn"])
     split: str = "test"  # the final evaluation's split: test | validation (needs data.validation_fraction)
     label: Optional[str] = None  # label set for zero-shot / probes (default: the dataset's first)
@@ -133,6 +151,9 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
+    """A whole run: its name, seed and output directory, and the data, model, loss, regulariser,
+    optimiser, training and evaluation sections."""
+
     name: str = setting("run", resume=FREE)
     seed: int = 0
     output_dir: str = setting("runs/${name}", resume=FREE)

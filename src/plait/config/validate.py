@@ -101,7 +101,8 @@ def _validate_model_and_objective(config: DictConfig) -> None:
             raise ValueError(f"loss.name={MODEL_ITC} is a model's own contrastive term (the fusion model's ITC); it needs "
                              f"{kinds} (model.kind={config.model.kind} has none)")
         if config.loss.options:
-            raise ValueError(f"loss.name={MODEL_ITC} takes no loss.options (its settings are model.fusion's: alpha, queue_size, ...)")
+            raise ValueError(f"loss.name={MODEL_ITC} takes no loss.options "
+                             "(its settings are model.fusion's: alpha, queue_size, ...)")
         if config.loss.in_modal:
             raise ValueError(f"loss.in_modal needs a base loss; loss.name={MODEL_ITC} has none")
     if config.train.grad_cache_chunk and not model.supports_grad_cache:

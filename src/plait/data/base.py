@@ -29,6 +29,7 @@ def package_dir(name: str) -> Path:
 
 
 def check_split(split: str) -> str:
+    """``split`` if it is one of :data:`SPLITS` ("train", "test", "all"); a ValueError otherwise."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))}, got {split!r}")
     return split

@@ -69,6 +69,8 @@ CATEGORY_NAMES = {
 
 
 def glyph_font_path() -> Path:
+    """The DejaVu Sans font file that ships with matplotlib (the glyphs are rendered from it); a
+    ValueError when it is missing."""
     import matplotlib
 
     path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / GLYPH_FONT

@@ -56,6 +56,9 @@ def base_of(codepoints: tuple[int, ...]) -> tuple[int, ...]:
 
 @dataclass
 class EmojiRecord:
+    """One emoji of emoji-test.txt: its code points and character, CLDR name, group and subgroup,
+    Twemoji PNG, caption (the cleaned English name) and the other cleaned names (aliases, CLDR)."""
+
     codepoints: tuple[int, ...]
     char: str
     cldr_name: str

@@ -34,7 +34,8 @@ class InformationGapDataset(VectorPairDataset):
         check_split(split)
         bits = shared + private_a + private_b
         if min(shared, private_a, private_b, nuisance) < 0 or not 1 <= bits <= 10:
-            raise ValueError(f"need non-negative bit counts with 1 <= shared + private_a + private_b <= 10, got {shared}, {private_a}, {private_b}")
+            raise ValueError(f"need non-negative bit counts with 1 <= shared + private_a + private_b <= 10, "
+                             f"got {shared}, {private_a}, {private_b}")
         if noise < 0:
             raise ValueError(f"noise must be >= 0, got {noise}")
         self.shared, self.private_a, self.private_b = shared, private_a, private_b

@@ -319,7 +319,8 @@ class EmojiVQA(EmojiTask):
                  test_fraction: float = 0.2, split_seed: int = 0, cache_dir=None):
         super().__init__(split, image_size, seed, test_fraction, split_seed, cache_dir)
         self.per_image = _positive(per_image, "per_image")
-        train = self.emoji if split == "train" else EmojiDataset("train", image_size=image_size, test_fraction=test_fraction, seed=split_seed, cache_dir=cache_dir)
+        train = self.emoji if split == "train" else EmojiDataset("train", image_size=image_size, test_fraction=test_fraction,
+                                                                 seed=split_seed, cache_dir=cache_dir)
         names = train.class_names
         vocabulary = ["yes", "no"]
         vocabulary += [names["group"][g] for g in sorted(set(train.labels["group"].tolist()))]
@@ -330,8 +331,19 @@ class EmojiVQA(EmojiTask):
         meta, n = self.meta, len(self.emoji)
         per_kind = 2 * max(1, int(round(self.per_image * n / (2 * len(self.KINDS)))))
         everyone = np.arange(n)
-        gname = lambda j: meta.group_names[meta.group[j]]
-        sname = lambda j: meta.subgroup_names[meta.subgroup[j]]
+
+        def gname(j):
+            """The group name of emoji j."""
+            return meta.group_names[meta.group[j]]
+
+        def sname(j):
+            """The subgroup name of emoji j."""
+            return meta.subgroup_names[meta.subgroup[j]]
+
+        def shows(word, j):
+            """Whether emoji j's name contains ``word`` (one of :data:`WORDS`)."""
+            return word in meta.words[j]
+
         rows = []
         for kind, answer in (("group", gname), ("subgroup", sname)):
             for j in _draw(rng, meta, everyone, per_kind).tolist():
@@ -346,7 +358,7 @@ class EmojiVQA(EmojiTask):
             images = _draw(rng, meta, candidates, per_kind // 2).tolist()
             if kind == "word_yn":
                 topics = [meta.words[j][rng.integers(len(meta.words[j]))] for j in images]
-                holds = lambda word, j: word in meta.words[j]
+                holds = shows
             else:
                 topics = [subject(j) for j in images]
                 holds = (lambda t, j: gname(j) == t) if kind == "group_yn" else (lambda t, j: sname(j) == t)
@@ -420,8 +432,15 @@ class EmojiReasoning(EmojiTask):
 
         per_kind = int(pairs) // len(self.KINDS)
         g, s = meta.group, meta.subgroup
-        gname = lambda j: meta.group_names[g[j]]
-        sname = lambda j: meta.subgroup_names[s[j]]
+
+        def gname(j):
+            """The group name of emoji j."""
+            return meta.group_names[g[j]]
+
+        def sname(j):
+            """The subgroup name of emoji j."""
+            return meta.subgroup_names[s[j]]
+
         with_words = np.array([j for j in range(n) if meta.words[j]], dtype=np.int64)
         everyone = np.arange(n)
         without = {w: np.array([w not in ws for ws in meta.words]) for w in WORDS}

@@ -96,6 +96,7 @@ _csv_limit_lock = threading.Lock()
 
 
 def check_bad_rows(bad_rows: str) -> str:
+    """``bad_rows`` if it is one of :data:`BAD_ROWS` ("error", "skip"); a ValueError otherwise."""
     if bad_rows not in BAD_ROWS:
         raise ValueError(f"bad_rows must be one of {', '.join(map(repr, BAD_ROWS))}, got {bad_rows!r}")
     return bad_rows
@@ -340,7 +341,8 @@ class CsvPairDataset(_UserDataset):
         self.image_column, self.text_column = image_column, text_column
         self.label_columns = tuple(label_columns)
         if test_path is not None and float(test_fraction) > 0:
-            raise ValueError(f"give test_path or test_fraction, not both (test_path={str(test_path)!r}, test_fraction={test_fraction!r})")
+            raise ValueError(f"give test_path or test_fraction, not both "
+                             f"(test_path={str(test_path)!r}, test_fraction={test_fraction!r})")
         paths = [Path(path).expanduser()] + ([Path(test_path).expanduser()] if test_path is not None else [])
         tables = [_Table(p, self._parse(p)) for p in paths]
         self.test_path = paths[1] if test_path is not None else None

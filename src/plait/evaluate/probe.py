@@ -102,8 +102,9 @@ def linear_probe(
     Features are standardised with the (sampled) training set's mean and std. ``shots=k`` fits on
     k items per class (:func:`few_shot_indices` with ``seed``). ``C=None`` picks the inverse
     regularisation strength from ``c_grid`` by top-1 accuracy (``select_by="log_loss"``: by
-    held-out cross-entropy) on a per-class 20% hold-out of the training items (ties: the smaller C), then refits on all of them; when that hold-out is empty
-    (fewer than 3 items in every class, e.g. 1- and 2-shot) C = 1.0, scikit-learn's default.
+    held-out cross-entropy) on a per-class 20% hold-out of the training items (ties: the smaller C), then refits on
+    all of them; when that hold-out is empty (fewer than 3 items in every class, e.g. 1- and 2-shot) C = 1.0,
+    scikit-learn's default.
 
     Returns ``acc1``, ``acc5`` (only with at least 5 classes) and ``mean_per_class_recall`` on the
     test set (CLIP_benchmark's linear-probe names), and ``log_loss``, the mean test cross-entropy

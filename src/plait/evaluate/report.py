@@ -341,7 +341,8 @@ def write_report(run_dir: str | Path, fmt: str = "md", max_gallery: int = 16) ->
         blocks.append(("table", ("field", "value"), [(key, _format_value(value)) for key, value in fields.items()]))
     if train:
         last = train[-1]
-        summary = ", ".join(f"{key} {_format_value(last[key])}" for key in ("step", "epoch", "loss", "lr", "samples_per_s") if key in last)
+        summary = ", ".join(f"{key} {_format_value(last[key])}" for key in ("step", "epoch", "loss", "lr", "samples_per_s")
+                            if key in last)
         blocks.append(("p", f"{len(train)} training records; last: {summary}."))
 
     blocks.append(("h2", "Training curves"))
@@ -356,10 +357,12 @@ def write_report(run_dir: str | Path, fmt: str = "md", max_gallery: int = 16) ->
     if eval_plot is not None:
         x, positions = eval_positions(during)
         placed = sum(_is_number(r.get(x)) for r in during)
-        shared = f" ({placed - len(positions)} more at an {x} already listed: the latest of each {x} is drawn)" if placed > len(positions) else ""
+        shared = (f" ({placed - len(positions)} more at an {x} already listed: the latest of each {x} is drawn)"
+                  if placed > len(positions) else "")
         blocks.append(("h2", "Evaluation during training"))
         on = "the validation split" if validation else "the test split"
-        blocks.append(("p", f"{len(positions)} evaluations on {on}, at {x} {', '.join(_format_value(v) for v in positions)}{shared}; "
+        blocks.append(("p", f"{len(positions)} evaluations on {on}, "
+                            f"at {x} {', '.join(_format_value(v) for v in positions)}{shared}; "
                             "metrics in [0, 1] shown in percent."))
         blocks.append(("image", eval_plot, "evaluation during training"))
     elif evals and _eval_metrics(evals[-1]) and _flatten(_eval_metrics(evals[-1])) != metrics:
@@ -500,7 +503,8 @@ def compare_runs(run_dirs: Sequence[str | Path], metric_keys: Sequence[str] | No
     ]
     header = ["run", *identity, *metric_keys]
     rows = [
-        [name, *(_format_value(fields[f]) if f in fields else "-" for f in identity), *(_format_metric(m, k) for k in metric_keys)]
+        [name, *(_format_value(fields[f]) if f in fields else "-" for f in identity),
+         *(_format_metric(m, k) for k in metric_keys)]
         for name, m, fields in runs
     ]
     return _markdown_table(header, rows)

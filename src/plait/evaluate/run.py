@@ -68,9 +68,12 @@ def stored_data_options(config: DictConfig, source: str) -> tuple[dict, dict]:
         return value is None or isinstance(value, (bool, int, float, str))
 
     for key, value in options.items():
-        if not (isinstance(key, str) and (plain(value) or (isinstance(value, list) and len(value) <= 64 and all(map(plain, value))))):
-            raise ValueError(f"{source}: stored data option {str(key)[:40]!r} is not a plain value ({str(value)[:60]!r}); refused")
-    dropped = {key: options.pop(key) for key in PATH_OPTIONS if key in options and not (key == "cache_dir" and options[key] is False)}
+        if not (isinstance(key, str)
+                and (plain(value) or (isinstance(value, list) and len(value) <= 64 and all(map(plain, value))))):
+            raise ValueError(f"{source}: stored data option {str(key)[:40]!r} is not a plain value "
+                             f"({str(value)[:60]!r}); refused")
+    dropped = {key: options.pop(key) for key in PATH_OPTIONS
+               if key in options and not (key == "cache_dir" and options[key] is False)}
     return options, dropped
 
 
@@ -97,7 +100,8 @@ def build_saved_model(path: str | Path, state: dict, config: DictConfig, inputs,
     if missing or unexpected or wrong:
         details = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
                    f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
-                   f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the model {tuple(expected[wrong[0]].shape)}" if wrong else ""]
+                   (f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the model {tuple(expected[wrong[0]].shape)}"
+                    if wrong else "")]
         details = "; ".join(d for d in details if d)
         if legacy:
             given = inputs if isinstance(inputs, dict) else input_spec(inputs)
@@ -197,7 +201,8 @@ def check_data_fits(model, dataset, path: str | Path) -> None:
     given = input_spec(dataset)
     for side, k in (("a", 0), ("b", 1)):
         if wanted["modalities"][k] != given["modalities"][k] or wanted["shapes"][k] != given["shapes"][k]:
-            hint = "; set data.options.image_size to match" if wanted["modalities"][k] == "image" == given["modalities"][k] else ""
+            hint = ("; set data.options.image_size to match" if wanted["modalities"][k] == "image" == given["modalities"][k]
+                    else "")
             raise ValueError(f"{display_path(path)}: tower {side} takes {_show_view(wanted, k)}, the evaluation data give "
                              f"{_show_view(given, k)}{hint}")
 

@@ -47,11 +47,14 @@ def embed(model, dataset, batch_size: int, device: torch.device, features: str =
 
 @torch.no_grad()
 def encode_texts(model, texts: list[str], batch_size: int, device: torch.device) -> torch.Tensor:
+    """(len(texts), d) float32 shared features of ``texts`` from tower b (eval mode, no gradient),
+    encoded ``batch_size`` texts at a time, on the CPU: the zero-shot prompts' embeddings."""
     model.eval()
     return torch.cat([model.encode_b(texts[i:i + batch_size]).float().cpu() for i in range(0, len(texts), batch_size)])
 
 
-def evaluate_model(model, train_set, test_set, config, device, run_dir: str | Path | None = None, info: dict | None = None) -> dict:
+def evaluate_model(model, train_set, test_set, config, device, run_dir: str | Path | None = None,
+                   info: dict | None = None) -> dict:
     """Metrics of ``model`` on ``test_set`` (probes fitted on ``train_set``'s embeddings): every
     task of ``config.tasks`` (the ``eval`` section) in registration order; a task that needs
     labels is skipped for data without a label set."""

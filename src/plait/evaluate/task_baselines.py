@@ -109,10 +109,12 @@ def format_table(results: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {NAMES.get(name, name)} | {r['train_items']} / {r['test_items']} | {r['classes']} | "
-                     f"{100 * r['majority']:.1f} | {100 * r['kind_prior']:.1f} | {100 * r['text_only']:.1f} | {100 * r['image_only']:.1f} |")
+                     f"{100 * r['majority']:.1f} | {100 * r['kind_prior']:.1f} | {100 * r['text_only']:.1f} | "
+                     f"{100 * r['image_only']:.1f} |")
     notes = []
     if "vqa" in results:
-        notes.append(f"VQA test answers outside the training vocabulary: {100 * results['vqa']['out_of_vocabulary']:.2f}% (counted wrong).")
+        notes.append(f"VQA test answers outside the training vocabulary: "
+                     f"{100 * results['vqa']['out_of_vocabulary']:.2f}% (counted wrong).")
     if "entailment" in results and "text_neutral_recall" in results["entailment"]:
         r = results["entailment"]
         notes.append(f"Entailment, text only, on 'neutral': recall {100 * r['text_neutral_recall']:.1f}%, "
@@ -129,7 +131,8 @@ def format_kind_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def task_baseline_table(image_size: int = 16, seed: int = 0, pool: int = 8, cache_dir=None, per_kind: bool = False, **options) -> str:
+def task_baseline_table(image_size: int = 16, seed: int = 0, pool: int = 8, cache_dir=None, per_kind: bool = False,
+                        **options) -> str:
     """The baseline table (markdown) for the three tasks; ``per_kind`` adds the per-kind table."""
     results = task_baselines(image_size=image_size, seed=seed, pool=pool, cache_dir=cache_dir, **options)
     table = format_table(results)

@@ -33,7 +33,8 @@ class Difference:
 
     def describe(self) -> str:
         verdict = "beyond" if self.resolved else "within"
-        text = f"{self.delta:+.1f} points +- {self.standard_error:.1f} (standard error), Welch p = {self.p_value:.2g}: {verdict} the seed noise"
+        text = (f"{self.delta:+.1f} points +- {self.standard_error:.1f} (standard error), "
+                f"Welch p = {self.p_value:.2g}: {verdict} the seed noise")
         if not self.resolved and math.isfinite(self.seeds_needed):
             text += f"; about {int(self.seeds_needed)} seeds per cell would resolve a difference this size"
         return text

@@ -88,6 +88,9 @@ def scaled_lr(base_lr: float, batch_size: int) -> float:
 
 def cell_settings(dataset: str, budget: str, loss: str, batch_size: int, multiplier: float, seed: int,
                    out: Path, base_lr: float, fit_size: int, quick: bool) -> tuple[Path, list[str]]:
+    """(run directory, overrides) of one run of a cell: lr = ``multiplier`` x ``base_lr`` x sqrt(B / 32),
+    the budget's steps or epochs (``fit_size`` training items per epoch), the validation carve and
+    about ``EVALUATIONS_PER_RUN`` evaluations during training."""
     run_dir = out / dataset / budget / f"{loss}-b{batch_size}-lr{multiplier:g}-s{seed}"
     steps_per_epoch = fit_size // batch_size
     if budget == "steps":
@@ -122,6 +125,8 @@ def _validation_score(run_dir: Path, metric: str) -> float:
 
 
 def fit_size(dataset: str, overrides) -> int:
+    """The number of training items left after the validation carve (``VALIDATION_FRACTION``) of
+    ``dataset``'s config with ``overrides``: the items one epoch trains on."""
     from plait.config import load_config
     from plait.data import build_dataset, carve_validation
 
@@ -266,8 +271,10 @@ def summary_table(result: dict) -> str:
             mine = {k[2:]: runs for k, runs in cells.items() if k[:2] == (dataset, budget)}
             if not mine:
                 continue
-            what = f"{BUDGETS[dataset]['steps']} steps per run" if budget == "steps" else f"{BUDGETS[dataset]['epochs']} epochs per run"
-            lines += [f"**{dataset}, equal {budget}** ({what}; test split, %, mean +- std over seeds; lr picked on validation)", "",
+            what = (f"{BUDGETS[dataset]['steps']} steps per run" if budget == "steps"
+                    else f"{BUDGETS[dataset]['epochs']} epochs per run")
+            lines += [f"**{dataset}, equal {budget}** ({what}; test split, %, mean +- std over seeds; "
+                      "lr picked on validation)", "",
                       "| loss | B | lr (x sqrt(B/32) base) | validation " + LABELS[spec["metric"]] + " | "
                       + " | ".join(f"test {LABELS[k]}" for k in keys) + " | seeds |",
                       "|---|---|---|---|" + "---|" * len(keys) + "---|"]

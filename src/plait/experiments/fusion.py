@@ -44,7 +44,8 @@ from plait.losses.regularizers import DEFAULT_WEIGHTS
 
 VARIANTS = {"albef": None, "sep": "separation", "br": "bridge", "gc": "consistency"}  # variant -> its regulariser
 TASKS = ("vqa", "reasoning", "entailment")
-LRS = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)  # the pre-training lr grid (configs/fusion.yaml: 5e-4), widened while the choice sat on its upper edge
+# the pre-training lr grid (configs/fusion.yaml: 5e-4), widened while the choice sat on its upper edge
+LRS = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)
 WEIGHT_MULTIPLIERS = (0.5, 1.0, 2.0)  # x the regulariser's default weight
 PRETRAIN_STEPS = 1500
 VALIDATION_FRACTION = 0.1
@@ -75,7 +76,8 @@ def _pretrain_job(variant: str, lr: float, multiplier: float, seed: int, out: Pa
                 f"train.eval_every_epochs={EVAL_EVERY_EPOCHS}", "train.progress=false", "train.checkpoint_every_epochs=0",
                 "eval.gallery=0", "eval.tasks=[retrieval]"]
     if quick:
-        settings += ["optim.max_steps=2", "data.options.image_size=16", "model.fusion.image_size=16", "model.fusion.queue_size=64"]
+        settings += ["optim.max_steps=2", "data.options.image_size=16", "model.fusion.image_size=16",
+                     "model.fusion.queue_size=64"]
     return "fusion", tuple(settings), {"variant": variant, "lr": lr, "multiplier": multiplier, "seed": seed}
 
 
@@ -194,7 +196,8 @@ def run_fusion_experiment(out: str | Path = "runs/fusion-tuned", seeds: int = 3,
     out = Path(out)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or until not in PHASES:
-        raise ValueError(f"unknown fusion variant(s) {unknown} or phase {until!r}; variants: {list(VARIANTS)}, phases: {list(PHASES)}")
+        raise ValueError(f"unknown fusion variant(s) {unknown} or phase {until!r}; "
+                         f"variants: {list(VARIANTS)}, phases: {list(PHASES)}")
     if 1.0 not in weight_multipliers:
         raise ValueError(f"weight_multipliers must include 1 (the default weight the lr phase uses), got {weight_multipliers}")
     if quick:
@@ -266,7 +269,8 @@ def grid_table(result: dict) -> str:
     protocol = result["protocol"]
     lines = ["Validation score (mean validation accuracy of VQA, reasoning, entailment, %; seed 0) and, in brackets, "
              "pre-training validation image->text R@1; * = chosen", "",
-             "| variant | " + " | ".join(f"lr {lr:g}" for lr in protocol["lrs"]) + " |", "|---" * (len(protocol["lrs"]) + 1) + "|"]
+             "| variant | " + " | ".join(f"lr {lr:g}" for lr in protocol["lrs"]) + " |",
+             "|---" * (len(protocol["lrs"]) + 1) + "|"]
 
     def cell(record: dict, chosen: bool) -> str:
         r1 = "-" if record["validation_r1"] is None else f"{100 * record['validation_r1']:.1f}"
@@ -274,7 +278,8 @@ def grid_table(result: dict) -> str:
 
     for variant in protocol["variants"]:
         mine = {r["lr"]: r for r in result["lr_grid"] if r["variant"] == variant}
-        lines.append(f"| {variant} | " + " | ".join(cell(mine[lr], lr == result["chosen_lr"][variant]) for lr in protocol["lrs"]) + " |")
+        lines.append(f"| {variant} | "
+                     + " | ".join(cell(mine[lr], lr == result["chosen_lr"][variant]) for lr in protocol["lrs"]) + " |")
     if "weight_grid" in result:
         multipliers = protocol["weight_multipliers"]
         lines += ["", "| variant (at its lr) | " + " | ".join(f"x{m:g} default" for m in multipliers) + " |",
@@ -283,7 +288,8 @@ def grid_table(result: dict) -> str:
             mine = {r["multiplier"]: r for r in result["weight_grid"] if r["variant"] == variant}
             if mine:
                 lines.append(f"| {variant} (lr {result['chosen_lr'][variant]:g}) | " + " | ".join(
-                    f"w {mine[m]['weight']:g}: " + cell(mine[m], m == result["chosen_multiplier"][variant]) for m in multipliers) + " |")
+                    f"w {mine[m]['weight']:g}: " + cell(mine[m], m == result["chosen_multiplier"][variant])
+                    for m in multipliers) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -324,7 +330,8 @@ def _plot(result: dict, path: Path) -> None:
         means, spreads = zip(*(tuple(100 * v for v in mean_std(r["test"][key] for r in mine)) for key, _ in COLUMNS))
         bar_ax.bar([i + k * width for i in range(len(COLUMNS))], means, width, yerr=spreads, color=colors[variant],
                    label=variant, capsize=2)
-    bar_ax.set_xticks([i + 0.4 - width / 2 for i in range(len(COLUMNS))], [label.replace(" R@1", "\nR@1") for _, label in COLUMNS])
+    bar_ax.set_xticks([i + 0.4 - width / 2 for i in range(len(COLUMNS))],
+                      [label.replace(" R@1", "\nR@1") for _, label in COLUMNS])
     bar_ax.set_ylabel("test % (chosen settings)")
     bar_ax.legend(fontsize=8)
     figure.tight_layout()

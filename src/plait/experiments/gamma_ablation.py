@@ -53,6 +53,8 @@ def _last(run_dir: Path, split: str) -> dict:
 
 
 def run_gamma_ablation(out_dir, seeds: int = 3, workers: int = 2, reuse: bool = False, quick: bool = False, overrides=()) -> str:
+    """Train every variant of ``VARIANTS`` (emoji, B = 32, E2's equal-step budget) for ``seeds`` seeds,
+    evaluated on the validation split; write ``results.json`` and ``table.md`` and return the table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = 3 if quick else BUDGETS["emoji"]["steps"]
@@ -88,7 +90,8 @@ def _fmt(values: list[float]) -> str:
 def ablation_table(runs: list[dict], steps: int) -> str:
     """One row per variant: validation R@1 both ways (%) and the last staleness statistics."""
     lines = [f"emoji, B = {BATCH}, {steps} steps, validation split, mean +- std over seeds", "",
-             "| variant | image->text R@1 | text->image R@1 | staleness log error | one-batch log error | staleness log bias | seeds |",
+             "| variant | image->text R@1 | text->image R@1 | staleness log error | one-batch log error | "
+             "staleness log bias | seeds |",
              "|---|---|---|---|---|---|---|"]
     for name in VARIANTS:
         mine = [r for r in runs if r["variant"] == name]

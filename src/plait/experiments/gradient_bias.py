@@ -49,6 +49,10 @@ COLORS = {
 
 @dataclass
 class GradientBiasConfig:
+    """E1's settings: the toy data (N pairs in ``dim`` dimensions, ``noise``), the batch sizes,
+    seeds and methods, SGD on kappa (steps, lr0 / (1 + t / t0), kappa's initial range), the
+    ``checkpoints`` log-spaced steps of the curves and the band counted as reaching kappa_inf."""
+
     dataset_size: int = 2048
     dim: int = 4
     noise: float = 0.5
@@ -143,7 +147,8 @@ def train_scale(
     """
     generator = torch.Generator().manual_seed(1000 + seed)
     low, high = config.init_range
-    kappa = torch.nn.Parameter(torch.tensor(math.exp(math.log(low) + (math.log(high) - math.log(low)) * torch.rand((), generator=generator).item())))
+    kappa = torch.nn.Parameter(torch.tensor(math.exp(math.log(low) + (math.log(high) - math.log(low))
+                                                     * torch.rand((), generator=generator).item())))
     loss_fn = _build(method, a.shape[0], seed)
     optimizer = torch.optim.SGD([kappa], lr=config.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + step / config.lr_decay_steps))
@@ -264,9 +269,12 @@ def summary_rows(result: dict) -> list[dict]:
 
 
 def summary_table(result: dict) -> str:
+    """The markdown table of :func:`summary_rows` (one row per method and batch size), then
+    kappa_inf and minibatch InfoNCE's own optimum kappa_B / kappa_inf at each batch size."""
     low, high = result["band"]
     lines = [
-        f"| method | B | runs | median kappa/kappa_inf | min | max | runs in [{low}, {high}] | state age (steps) | mean abs log(Zbatch/Zhat) |",
+        f"| method | B | runs | median kappa/kappa_inf | min | max | runs in [{low}, {high}] | state age (steps) | "
+        "mean abs log(Zbatch/Zhat) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
 

@@ -51,14 +51,17 @@ def _jobs(out: Path, seeds_synthetic: int, seeds_real: int, quick: bool, overrid
         for variant in VARIANTS:
             for seed in range(seeds_synthetic):
                 run_dir = out / "synthetic" / f"p{p}-{variant}-s{seed}"
-                settings = [f"data.options.shared={LABEL_BITS - p}", f"data.options.private_a={p}", *_common(variant, run_dir, seed, quick)]
-                jobs.append(("gap", (*settings, *overrides), {"part": "synthetic", "private_bits": p, "variant": variant, "seed": seed}))
+                settings = [f"data.options.shared={LABEL_BITS - p}", f"data.options.private_a={p}",
+                            *_common(variant, run_dir, seed, quick)]
+                jobs.append(("gap", (*settings, *overrides),
+                             {"part": "synthetic", "private_bits": p, "variant": variant, "seed": seed}))
     for views in UCI_PAIRS[:1] if quick else UCI_PAIRS:
         for variant in VARIANTS:
             for seed in range(seeds_real):
                 run_dir = out / "uci" / f"{views[0]}-{views[1]}-{variant}-s{seed}"
                 settings = [f"data.options.views=[{views[0]},{views[1]}]", *_common(variant, run_dir, seed, quick)]
-                jobs.append(("uci", (*settings, *overrides), {"part": "uci", "views": list(views), "variant": variant, "seed": seed}))
+                jobs.append(("uci", (*settings, *overrides),
+                             {"part": "uci", "views": list(views), "variant": variant, "seed": seed}))
     return jobs
 
 
@@ -107,6 +110,9 @@ def _raw(name: str, options: dict) -> dict:
 
 def run_information_gap(out_dir, seeds_synthetic: int = 2, seeds_real: int = 2, quick: bool = False, workers: int = 2,
                         overrides=(), reuse: bool = False) -> str:
+    """Train every variant on the synthetic gaps (p private bits) and the UCI view pairs, probe
+    each run's features and the raw views; write ``results.json``, ``table.md`` and ``gap.png``
+    and return the tables."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if quick:
@@ -123,7 +129,8 @@ def run_information_gap(out_dir, seeds_synthetic: int = 2, seeds_real: int = 2, 
     for views in sorted({tuple(r["views"]) for r in runs if r["part"] == "uci"}):
         references["uci-" + "-".join(views)] = _raw("uci", {"views": list(views)})
     result = {"label_bits": LABEL_BITS, "seconds": time.perf_counter() - started, "references": references,
-              "runs": sorted(runs, key=lambda r: (r["part"], r.get("private_bits", 0), str(r.get("views")), r["variant"], r["seed"]))}
+              "runs": sorted(runs, key=lambda r: (r["part"], r.get("private_bits", 0), str(r.get("views")), r["variant"],
+                                                  r["seed"]))}
     for run in result["runs"]:
         run.pop("metrics", None)
     atomic_write_text(out / "results.json", json.dumps(result, indent=1))
@@ -138,12 +145,16 @@ def _mean(values) -> float:
 
 
 def gap_tables(result: dict) -> str:
+    """The two markdown tables: per p, the probes' test cross-entropy (accuracy) of each variant
+    and the raw views, with CLIP's excess against the bound Delta; per UCI view pair, the probes'
+    accuracy on tower a, tower b and both against the raw views."""
     runs, refs = result["runs"], result["references"]
     lines = ["**Synthetic** (4 label bits; modality a holds p private bits; Delta = p ln 2 nats). Linear probe on",
              "[z_a, z_b] (+ [z^i_a, z^i_b] with separation): test cross-entropy in nats (accuracy %); the last columns",
              "give CLIP's excess over the raw pair, probing [z_a, z_b] and probing z_b alone (what a perfectly aligned",
              "representation, z_a = z_b, keeps at best), against the bound Delta.", "",
-             "| p | Delta | raw pair | raw a | raw b | " + " | ".join(VARIANTS) + " | CLIP excess, [z_a, z_b] | CLIP excess, z_b |",
+             "| p | Delta | raw pair | raw a | raw b | " + " | ".join(VARIANTS)
+             + " | CLIP excess, [z_a, z_b] | CLIP excess, z_b |",
              "|---|---|---|---|---|" + "---|" * len(VARIANTS) + "---|---|"]
     for p in sorted({r["private_bits"] for r in runs if r["part"] == "synthetic"}):
         ref = refs[f"synthetic-p{p}"]
@@ -159,8 +170,10 @@ def gap_tables(result: dict) -> str:
             cells.append(f"{ce:.3f} ({100 * acc:.1f})")
         raw = [f"{ref[k]['log_loss']:.3f} ({100 * ref[k]['acc1']:.1f})" for k in ("both", "a", "b")]
         excess = ["-", "-"] if clip is None else [f"{clip[key] - ref['both']['log_loss']:.3f}" for key in ("both", "b")]
-        lines.append(f"| {p} | {p * math.log(2):.3f} | " + " | ".join(raw) + " | " + " | ".join(cells) + " | " + " | ".join(excess) + " |")
-    lines += ["", "**UCI Multiple Features** view pairs: linear-probe accuracy (%), mean over seeds, on tower a / tower b / both;",
+        lines.append(f"| {p} | {p * math.log(2):.3f} | " + " | ".join(raw) + " | " + " | ".join(cells) + " | "
+                     + " | ".join(excess) + " |")
+    lines += ["", "**UCI Multiple Features** view pairs: linear-probe accuracy (%), mean over seeds, "
+                  "on tower a / tower b / both;",
               "references: the probe on each raw view (supervised single-view) and on the raw pair.", "",
               "| views (a, b) | model | tower a | tower b | both |", "|---|---|---|---|---|"]
     for views in sorted({tuple(r["views"]) for r in runs if r["part"] == "uci"}):
@@ -176,6 +189,8 @@ def gap_tables(result: dict) -> str:
 
 
 def plot_gap(result: dict, path: Path) -> None:
+    """The synthetic part as a figure at ``path``: probe cross-entropy against the gap Delta for
+    the raw pair, the bound raw pair + Delta, each variant's [z_a, z_b] and CLIP's z_b alone."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,10 +205,12 @@ def plot_gap(result: dict, path: Path) -> None:
     ax.plot(deltas, [r + d for r, d in zip(raw, deltas)], "k:", label="raw pair + Delta (Theorem 3.1 bound for aligned features)")
     for variant in VARIANTS:
         values = [_mean([r["probe"]["both"]["log_loss"] for r in runs
-                         if r["part"] == "synthetic" and r["private_bits"] == p and r["variant"] == variant] or [math.nan]) for p in ps]
+                         if r["part"] == "synthetic" and r["private_bits"] == p and r["variant"] == variant] or [math.nan])
+                  for p in ps]
         ax.plot(deltas, values, "-o", color=COLORS[variant], label=f"{variant} features [z_a, z_b]")
     tower_b = [_mean([r["probe"]["b"]["log_loss"] for r in runs
-                      if r["part"] == "synthetic" and r["private_bits"] == p and r["variant"] == "clip"] or [math.nan]) for p in ps]
+                      if r["part"] == "synthetic" and r["private_bits"] == p and r["variant"] == "clip"] or [math.nan])
+               for p in ps]
     ax.plot(deltas, tower_b, "--s", color=COLORS["clip"], label="clip z_b alone (as if perfectly aligned)")
     ax.set_xlabel("information gap Delta (nats)")
     ax.set_ylabel("downstream test cross-entropy (nats)")

@@ -43,7 +43,8 @@ def _spec_string(specs: list[dict], weights: dict[str, float]) -> str:
     return "[" + ", ".join(items) + "]"
 
 
-def _overrides(dataset: str, base: str, variant: str, seed: int, out: Path, quick: bool, weights: dict[str, float]) -> tuple[str, ...]:
+def _overrides(dataset: str, base: str, variant: str, seed: int, out: Path, quick: bool,
+               weights: dict[str, float]) -> tuple[str, ...]:
     specs = VARIANTS[variant]
     features = "both" if any(spec["name"] == "separation" for spec in specs) else "shared"
     tasks = "[retrieval,zero_shot,linear_probe]" if dataset == "emoji" else "[retrieval,linear_probe]"
@@ -51,7 +52,8 @@ def _overrides(dataset: str, base: str, variant: str, seed: int, out: Path, quic
     settings = [
         f"loss.name={base}", "loss.in_modal=true", f"regularizers={_spec_string(specs, weights)}", f"seed={seed}",
         f"optim.epochs={EPOCHS[dataset]}", f"output_dir={run_dir}", f"name={dataset}-{base}-{variant}-s{seed}",
-        "train.progress=false", "train.checkpoint_every_epochs=0", f"eval.tasks={tasks}", f"eval.features={features}", "eval.gallery=0",
+        "train.progress=false", "train.checkpoint_every_epochs=0", f"eval.tasks={tasks}", f"eval.features={features}",
+        "eval.gallery=0",
     ]
     if quick:
         settings += ["optim.epochs=1", "optim.max_steps=4"]
@@ -61,6 +63,8 @@ def _overrides(dataset: str, base: str, variant: str, seed: int, out: Path, quic
 def run_regularizer_table(out_dir, datasets=("uci", "emoji"), bases=("infonce", "gamma"), variants=tuple(VARIANTS),
                           seeds: int = 3, quick: bool = False, workers: int = 2, overrides=(),
                           reuse: bool = False) -> str:
+    """Train every dataset x base loss x regulariser set x seed (in-modal base, default weights);
+    write ``results.json``, ``table.md`` and ``regularizers.png`` and return the table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if quick:
@@ -69,7 +73,8 @@ def run_regularizer_table(out_dir, datasets=("uci", "emoji"), bases=("infonce", 
             for d in datasets for base in bases for v in variants for s in range(seeds)]
     jobs.sort(key=lambda job: job[0] != "emoji")  # the long emoji runs first
     started = time.perf_counter()
-    runs = sorted(run_many(jobs, workers, reuse=reuse), key=lambda r: (r["dataset"], r["base"], list(VARIANTS).index(r["variant"]), r["seed"]))
+    runs = sorted(run_many(jobs, workers, reuse=reuse),
+                  key=lambda r: (r["dataset"], r["base"], list(VARIANTS).index(r["variant"]), r["seed"]))
     result = {"seeds": seeds, "weights": DEFAULT_WEIGHTS, "seconds": time.perf_counter() - started, "runs": runs}
     atomic_write_text(out / "results.json", json.dumps(result, indent=1))
     table = regularizer_table(result)
@@ -85,6 +90,8 @@ def _mean_std(values: list[float]) -> str:
 
 
 def regularizer_table(result: dict) -> str:
+    """Per dataset, a markdown table of each base loss and regulariser set's metrics (%, mean +- std
+    over seeds), then which regularisers beat their base's linear probe beyond the seed spread."""
     cells: dict[tuple, list[dict]] = {}
     for run in result["runs"]:
         cells.setdefault((run["dataset"], run["base"], run["variant"]), []).append(run["metrics"])
@@ -158,7 +165,8 @@ def _verdict(cells: dict, dataset: str) -> list[str]:
             gain = statistics.fmean(v) - statistics.fmean(p)
             spread = max(statistics.stdev(v), statistics.stdev(p))
             if gain >= 1.0 + spread:
-                lines.append(f"- {base} + {variant}: linear probe {gain:+.1f} points over {base} alone (spread {spread:.1f}): beats it beyond the seed spread")
+                lines.append(f"- {base} + {variant}: linear probe {gain:+.1f} points over {base} alone "
+                             f"(spread {spread:.1f}): beats it beyond the seed spread")
     return lines + ([""] if lines else [f"- no regulariser beats its base by 1 point beyond the seed spread on {dataset}", ""])
 
 

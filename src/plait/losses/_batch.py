@@ -308,5 +308,6 @@ def _same_index_pairs(inverse: Tensor) -> tuple[Tensor, Tensor]:
     first = torch.cumsum(counts, 0) - counts  # where each item's group starts in ``order``
     per_row = counts[inverse]
     rows = torch.repeat_interleave(torch.arange(inverse.numel(), device=inverse.device), per_row)
-    offset = torch.arange(rows.numel(), device=inverse.device) - torch.repeat_interleave(torch.cumsum(per_row, 0) - per_row, per_row)
+    offset = (torch.arange(rows.numel(), device=inverse.device)
+              - torch.repeat_interleave(torch.cumsum(per_row, 0) - per_row, per_row))
     return rows, order[first[inverse[rows]] + offset]

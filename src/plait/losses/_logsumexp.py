@@ -51,7 +51,8 @@ def weighted_logsumexp(
             row_mean = (weighted - row_lse.detach()[:, None]).exp().mul(values).sum(1) if rows else None
             column_mean = (weighted - column_lse.detach()[None, :]).exp().mul(values).sum(0) if columns else None
         return row_lse, column_lse, row_mean, column_mean
-    row_lse, column_lse, row_mean, column_mean = _WeightedLogSumExp.apply(logits, float(log_weight), tuple(diagonals), rows, columns)
+    row_lse, column_lse, row_mean, column_mean = _WeightedLogSumExp.apply(logits, float(log_weight), tuple(diagonals),
+                                                                          rows, columns)
     picked = (row_lse if rows else None), (column_lse if columns else None)
     return (*picked, (row_mean if rows else None), (column_mean if columns else None)) if means else picked
 

@@ -51,8 +51,8 @@ class PerSampleState(ContrastiveLoss):
         Subclasses set ``mode``, ``normalize`` and ``temperature``."""
         return self.dataset_size if self.mode == "bimodal" else 2 * self.dataset_size - 1
 
-    def prepare_batch(self, features_a: Tensor, features_b: Tensor, index: Tensor,
-                      logit_scale: Tensor | float | None, chunk_size: int | None = None) -> tuple[Tensor, Tensor, Tensor, PairBatch]:
+    def prepare_batch(self, features_a: Tensor, features_b: Tensor, index: Tensor, logit_scale: Tensor | float | None,
+                      chunk_size: int | None = None) -> tuple[Tensor, Tensor, Tensor, PairBatch]:
         """(a, b, scale, batch): the checked (upcast, normalised) features, the logit scale and
         the batch's logits, after checking the index and the state's device. With ``chunk_size``
         the logits are left to ``chunk_size``-row blocks (never formed) past the dense size

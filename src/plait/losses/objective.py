@@ -132,5 +132,6 @@ def build_objective(config: DictConfig, dataset_size: int) -> ContrastiveObjecti
     base = build_base_loss(config, dataset_size, config.seed)
     in_modal = None
     if config.loss.in_modal:
-        in_modal = (build_base_loss(config, dataset_size, config.seed + 1), build_base_loss(config, dataset_size, config.seed + 2))
+        in_modal = (build_base_loss(config, dataset_size, config.seed + 1),
+                    build_base_loss(config, dataset_size, config.seed + 2))
     return ContrastiveObjective(base, in_modal, regularizers)

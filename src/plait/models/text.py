@@ -87,7 +87,8 @@ class TransformerTextEncoder(Encoder):
         super().check_options(options, key)
         check_heads_divide_width(cls, options, key)
 
-    def __init__(self, out_dim: int = 256, width: int = 128, depth: int = 2, heads: int = 4, max_length: int = 32, dropout: float = 0.0):
+    def __init__(self, out_dim: int = 256, width: int = 128, depth: int = 2, heads: int = 4, max_length: int = 32,
+                 dropout: float = 0.0):
         super().__init__()
         self.tokenizer = WordPieceTokenizer(max_length)
         self.token = nn.Embedding(self.tokenizer.vocab_size, width, padding_idx=0)

@@ -121,7 +121,8 @@ class TwoTower(ContrastiveModel):
     def contrastive_features(self, batch: Batch):
         """The objective's input (float32): each tower runs once, over [view; augmented view]
         when the batch has augmented views; independent features when the model has their heads."""
-        bank = {} if batch.bank is None else {"a_bank": _at_least_float32(batch.bank[0]), "b_bank": _at_least_float32(batch.bank[1])}
+        bank = ({} if batch.bank is None
+                else {"a_bank": _at_least_float32(batch.bank[0]), "b_bank": _at_least_float32(batch.bank[1])})
         if batch.a_aug is None:
             za, zb, scale = self(batch.a, batch.b)
             return PairFeatures(_at_least_float32(za), _at_least_float32(zb), batch.index, _at_least_float32(scale), **bank)
@@ -133,7 +134,8 @@ class TwoTower(ContrastiveModel):
             return (None, None) if z is None else (_at_least_float32(z[:size]), _at_least_float32(z[size:]))
 
         (za, za_aug), (zb, zb_aug), (zia, zia_aug), (zib, zib_aug) = halves(za), halves(zb), halves(zia), halves(zib)
-        return PairFeatures(za, zb, batch.index, _at_least_float32(self.scale()), za_aug, zb_aug, zia, zib, zia_aug, zib_aug, **bank)
+        return PairFeatures(za, zb, batch.index, _at_least_float32(self.scale()), za_aug, zb_aug, zia, zib, zia_aug, zib_aug,
+                            **bank)
 
 
 def _at_least_float32(z: Tensor) -> Tensor:

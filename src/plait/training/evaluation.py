@@ -58,7 +58,8 @@ def _final_evaluation(trainer) -> dict:
     if metrics is None:
         note = "no test split (set data.options.test_fraction > 0 or a test file, or use eval.split=validation)"
         print(f"plait: note: the final evaluation was skipped: {note}", file=sys.stderr)
-        atomic_write_text(trainer.run_dir / "eval.json", json.dumps({**info(trainer, on), "skipped": note, "metrics": {}}, indent=1))
+        atomic_write_text(trainer.run_dir / "eval.json",
+                          json.dumps({**info(trainer, on), "skipped": note, "metrics": {}}, indent=1))
         metrics = {}
     else:
         trainer.log({"step": trainer.step, "epoch": trainer.epoch, "split": "eval" if on == "test" else "validation", **metrics})

@@ -83,7 +83,8 @@ class FaultPolicy:
             self.consecutive_skips += 1
             if self.consecutive_skips < MAX_CONSECUTIVE_SKIPS:
                 if self.is_main:
-                    print(f"plait: skipped {where} (train.on_nonfinite=skip; {self.skipped_steps} skipped so far)", file=sys.stderr)
+                    print(f"plait: skipped {where} (train.on_nonfinite=skip; {self.skipped_steps} skipped so far)",
+                          file=sys.stderr)
                 on_skip()
                 return
             where += (f"; {self.consecutive_skips} consecutive steps were skipped (train.on_nonfinite=skip stops after "

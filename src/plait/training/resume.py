@@ -108,10 +108,11 @@ def check_resumable(trainer, state: dict, path: Path) -> None:
     before = trainer.schedule_length(saved)
     if before != trainer.schedule_steps:
         keys = [k for k in SCHEDULE_KEYS if OmegaConf.select(saved, k) != OmegaConf.select(current, k)]
-        changes.append(", ".join(f"{k}: {show(OmegaConf.select(saved, k))} in the checkpoint, {show(OmegaConf.select(current, k))} now"
+        changes.append(", ".join(f"{k}: {show(OmegaConf.select(saved, k))} in the checkpoint, "
+                                 f"{show(OmegaConf.select(current, k))} now"
                                  for k in keys)
-                       + f" (the lr schedule would span {trainer.schedule_steps} steps instead of {before}, so the lr would jump; "
-                         "optim.max_steps may change)")
+                       + f" (the lr schedule would span {trainer.schedule_steps} steps instead of {before}, "
+                         "so the lr would jump; optim.max_steps may change)")
     if changes:
         raise ValueError(f"cannot resume from {shown} with changed settings: {'; '.join(changes)}. Resume with the "
                          "checkpoint's settings, or start a new run (another output_dir, or --overwrite)")

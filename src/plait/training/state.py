@@ -72,12 +72,14 @@ def restore(trainer, state: dict, source: str = "the checkpoint") -> None:
                       str(error).splitlines()[0])
         raise ValueError(f"the checkpoint's model does not fit this config's model: {reason.rstrip(':.')}") from None
     update = trainer.update
-    parts = [(callback.state_key, lambda c=callback: c.module.load_state_dict(state[c.state_key])) for callback in _stateful(trainer)]
+    parts = [(callback.state_key, lambda c=callback: c.module.load_state_dict(state[c.state_key]))
+             for callback in _stateful(trainer)]
     parts += [
         ("optimizer", lambda: update.optimizer.load_state_dict(state["optimizer"])),
         ("scheduler", lambda: update.scheduler.load_state_dict(state["scheduler"])),
         ("loss", lambda: trainer.loss_fn.load_state_dict(state["loss"])),
-        ("scaler", lambda: update.scaler.load_state_dict(state["scaler"]) if update.scaler is not None and state.get("scaler") else None),
+        ("scaler", lambda: (update.scaler.load_state_dict(state["scaler"])
+                            if update.scaler is not None and state.get("scaler") else None)),
     ]
     for part, load in parts:
         try:

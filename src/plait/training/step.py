@@ -64,7 +64,8 @@ class OptimizerStep:
         else:
             norm = nn.utils.get_total_norm([p.grad for p in parameters])
         # with fp16's grad scaler an overflowing gradient is routine: the scaler skips that step itself
-        finite = torch.isfinite(loss.detach()) if self.scaler is not None else torch.isfinite(loss.detach()) & torch.isfinite(norm)
+        finite = (torch.isfinite(loss.detach()) if self.scaler is not None
+                  else torch.isfinite(loss.detach()) & torch.isfinite(norm))
         if self.world_size > 1:  # one decision for every rank (a rank's own terms may differ)
             finite = not distributed.any_rank(not bool(finite))
         if not bool(finite):

@@ -66,7 +66,8 @@ class Trainer:
     augment = property(lambda self: self.batches.augment, doc="each side's augmentation (None: not augmented)")
     skipped_steps = property(lambda self: self.faults.skipped_steps)
     consecutive_skips = property(lambda self: self.faults.consecutive_skips)
-    precision_name = property(lambda self: "fp64" if self.param_dtype == torch.float64 else resuming.precision_name(self.amp_dtype))
+    precision_name = property(lambda self: ("fp64" if self.param_dtype == torch.float64
+                                            else resuming.precision_name(self.amp_dtype)))
     periodic_split = property(lambda self: "validation" if self.validation_set is not None else "eval")
 
     @property

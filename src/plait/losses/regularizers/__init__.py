@@ -16,4 +16,5 @@ REGULARIZER_ALIASES = REGULARIZERS.aliases  # read-only view: alias -> canonical
 # (plait experiment regularizers --sweep-weights; README, "Choosing the weights").
 DEFAULT_WEIGHTS = {"separation": 0.1, "bridge": 0.1, "consistency": 1.0}
 
-__all__ = ["BrownianBridge", "DEFAULT_WEIGHTS", "FeatureSeparation", "GeometricConsistency", "REGULARIZERS", "REGULARIZER_ALIASES", "Regularizer"]
+__all__ = ["BrownianBridge", "DEFAULT_WEIGHTS", "FeatureSeparation", "GeometricConsistency", "REGULARIZERS",
+           "REGULARIZER_ALIASES", "Regularizer"]

@@ -46,7 +46,8 @@ class FeatureSeparation(Regularizer):
             )
         ortho = ((a * a_ind).sum(-1) ** 2 + (b * b_ind).sum(-1) ** 2).mean()
         con = (self.contrast(a_ind, a_ind_aug) + self.contrast(b_ind, b_ind_aug)) / 2
-        uni = torch.logsumexp(torch.stack([-self.t * _squared_distances(a_ind), -self.t * _squared_distances(b_ind)]).flatten(), 0)
+        uni = torch.logsumexp(torch.stack([-self.t * _squared_distances(a_ind),
+                                           -self.t * _squared_distances(b_ind)]).flatten(), 0)
         uni = uni - math.log(a_ind.shape[0])
         self.parts = {"ortho": ortho.detach(), "independent_contrast": con.detach(), "uniformity": uni.detach()}
         return ortho + con + uni

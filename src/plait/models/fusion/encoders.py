@@ -152,10 +152,12 @@ def init_from_minilm(text: TextEncoder, fusion: FusionEncoder, weights: dict[str
     put(emb.segment, "text.embeddings.segment", weights["embeddings.token_type_embeddings.weight"][0])
     put(emb.norm.weight, "text.embeddings.norm.weight", weights["embeddings.LayerNorm.weight"])
     put(emb.norm.bias, "text.embeddings.norm.bias", weights["embeddings.LayerNorm.bias"])
-    targets = [("text", i, layer) for i, layer in enumerate(text.layers)] + [("fusion", i, layer) for i, layer in enumerate(fusion.layers)]
+    targets = ([("text", i, layer) for i, layer in enumerate(text.layers)]
+               + [("fusion", i, layer) for i, layer in enumerate(fusion.layers)])
     for source_layer, (part, i, layer) in enumerate(targets):
         own = dict(layer.named_parameters())
         for hf, mine in _LAYER_KEYS.items():
             for kind in ("weight", "bias"):
-                put(own[f"{mine}.{kind}"], f"{part}.layers.{i}.{mine}.{kind}", weights[f"encoder.layer.{source_layer}.{hf}.{kind}"])
+                put(own[f"{mine}.{kind}"], f"{part}.layers.{i}.{mine}.{kind}",
+                    weights[f"encoder.layer.{source_layer}.{hf}.{kind}"])
     return written

@@ -56,7 +56,8 @@ class FusionClassifier(nn.Module):
             return self.head(self.fusion(text, mask, self.image_encoder(images))[:, 0])
         if torch.is_tensor(images):
             if images.dim() != 5 or images.shape[1] != 2:
-                raise ValueError(f"reasoning takes two images per statement: a pair of (B, 3, S, S) or (B, 2, 3, S, S), got {tuple(images.shape)}")
+                raise ValueError(f"reasoning takes two images per statement: a pair of (B, 3, S, S) or (B, 2, 3, S, S), "
+                                 f"got {tuple(images.shape)}")
             first, second = images[:, 0], images[:, 1]
         else:
             first, second = images

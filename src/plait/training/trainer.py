@@ -168,6 +168,10 @@ class Trainer:
         if message is not None:
             raise ValueError(f"rank 0 stopped: {message}")
         self.train_until(self.total_steps)
+        return self.finish()
+
+    def finish(self) -> dict:
+        """Save, export and run the final evaluation (``plait.training.evaluation.finish``)."""
         return evaluation.finish(self)
 
     def train_until(self, total_steps: int) -> None:

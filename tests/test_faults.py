@@ -324,7 +324,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint_and_says_so
     ("eval.batch_size=0", "eval.batch_size=0 is not valid: it must be a positive integer"),
     ("eval.few_shot=[-1]", "eval.few_shot=[-1] is not valid: it must be a list of positive integers"),
     ("eval.few_shot_seeds=-1", "eval.few_shot_seeds=-1 is not valid: it must be a positive integer"),
-    ("eval.gallery=-1", "eval.gallery=-1 is not valid: it must be an integer >= 0"),
+    ("eval.gallery=-1", "eval.gallery=-1 is not valid: it must be >= 0"),
     ("eval.features=independent", "eval.features='independent' needs a model with independent heads"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, override, expected):

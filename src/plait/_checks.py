@@ -30,10 +30,10 @@ def is_number(value) -> bool:
 
 
 def check_int(key: str, value, minimum: int | None = None, maximum: int | None = None, *, allow_none: bool = False,
-              note: str = "") -> None:
+              note: str = "", rule: str | None = None) -> None:
     """Refuse ``value`` unless it is an integer in [minimum, maximum] (or None with ``allow_none``):
     a ValueError ``key=value is not valid: it must be ...`` naming the key, with ``note`` after the
-    rule (``" (0: never)"``).
+    rule (``" (0: never)"``); ``rule`` words the rule itself (default: from the bounds).
 
     Example: ``check_int("optim.epochs", 0, minimum=1)`` raises ``optim.epochs=0 is not valid: it
     must be a positive integer``."""
@@ -41,7 +41,9 @@ def check_int(key: str, value, minimum: int | None = None, maximum: int | None =
         return
     if is_int(value) and (minimum is None or value >= minimum) and (maximum is None or value <= maximum):
         return
-    if maximum is not None:
+    if rule is not None:
+        pass
+    elif maximum is not None:
         rule = f"an integer in [{minimum}, {maximum}]"
     elif minimum == 1:
         rule = "a positive integer"

@@ -100,8 +100,7 @@ def _fit(classifier: nn.Module, fit_set, validation_set, config, device: torch.d
     update = _optimizer_step(classifier, config, total)
     generator = torch.Generator().manual_seed(config.seed)
     out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out, is_main=True, tensorboard=False)
-    log.clear()  # a new fine-tuning run replaces the directory's log
+    log = MetricsLog(out, is_main=True, tensorboard=False, fresh=True)  # the first epoch's line replaces an old log
     step, start = 0, time.perf_counter()
     classifier.train()
     for epoch in range(config.epochs):

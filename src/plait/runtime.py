@@ -45,16 +45,27 @@ def progress_bar(total: int, enabled: bool = True, **options):
     return tqdm(total=total, disable=not (enabled and sys.stderr.isatty()), file=sys.stderr, **options)
 
 
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.precision``: auto -> bf16 on CUDA, none (fp32) on CPU."""
-    choices = {"fp32": None, "fp64": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    """The autocast dtype for ``train.precision``: auto -> bf16 on CUDA, none (fp32) on CPU; fp64
+    (parameters in float64, :func:`parameter_dtype`) autocasts nothing."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    if precision not in choices:
+    if precision != "fp64" and precision not in AUTOCAST_DTYPES:
         raise ValueError(f"train.precision must be one of auto, fp32, fp64, bf16, fp16, got {precision!r}")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("train.precision=fp16 needs CUDA; use bf16 or fp32 on the CPU")
-    return choices[precision]
+    return AUTOCAST_DTYPES.get(precision)
+
+
+def precision_name(autocast: torch.dtype | None, parameters: torch.dtype | None = None) -> str:
+    """The name a run's precision is recorded under: fp64 (parameters in float64), else the
+    autocast dtype's (fp32: none, bf16, fp16)."""
+    if parameters == torch.float64:
+        return "fp64"
+    return next((name for name, dtype in AUTOCAST_DTYPES.items() if dtype == autocast), str(autocast))
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -7,8 +7,7 @@ from plait.config import load_config, validate, validate_eval
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["loss.name=momentum_itc"], "loss.name=momentum_itc is a model's own contrastive term (the fusion model's ITC); it needs "
-                                 "model.kind=fusion (model.kind=two_tower has none)"),
+    (["loss.name=momentum_itc"], "loss.name=momentum_itc is the fusion model's own ITC; it needs model.kind=fusion"),
     (["model.kind=fusion", "train.grad_cache_chunk=4"], "train.grad_cache_chunk is for two-tower models"),
     (["model.kind=fusion", "train.bank_momentum=0.5"], "train.bank_momentum is for two-tower models"),
     (["eval.features=both"], "eval.features='both' needs a model with independent heads"),

@@ -1,4 +1,4 @@
-"""The loss window's log line and metrics.jsonl's append, truncation and clearing."""
+"""The loss window's log line and metrics.jsonl's append, truncation and fresh start."""
 
 import json
 import math
@@ -36,8 +36,10 @@ def test_metrics_log_appends_strict_json_and_a_resume_truncates_to_the_checkpoin
         handle.write('{"step": 5, "lo')  # a torn line (killed mid-write)
     log.truncate(step=2)
     assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1, 2] and log.lines == 2
-    log.clear()
-    assert not log.path.exists() and log.lines == 0
+    fresh = MetricsLog(tmp_path / "run", is_main=True, tensorboard=False, fresh=True)
+    fresh.append({"step": 9})
+    fresh.append({"step": 10})
+    assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [9, 10] and fresh.lines == 2
 
 
 def test_other_ranks_write_nothing(tmp_path):

@@ -19,7 +19,7 @@ import math
 
 from omegaconf import DictConfig, OmegaConf
 
-from plait._checks import check_int, is_number
+from plait._checks import check_int, is_int, is_number
 
 NONFINITE_POLICIES = ("stop", "skip")
 SPLITS = ("test", "validation")
@@ -54,7 +54,7 @@ def _validate_optim(optim: DictConfig) -> None:
 def _validate_train(train: DictConfig) -> None:
     check_int("train.log_every", train.log_every, minimum=1)
     for key in ("eval_every_epochs", "staleness_every_epochs", "checkpoint_every_epochs", "checkpoint_every_steps"):
-        check_int(f"train.{key}", train[key], minimum=0, note=" (0: never)")
+        check_int(f"train.{key}", train[key], minimum=0, rule=">= 0", note=" (0: never)")
     if train.on_nonfinite not in NONFINITE_POLICIES:
         refuse("train.on_nonfinite", train.on_nonfinite, f"valid: {', '.join(NONFINITE_POLICIES)}")
     timeout = train.dist_timeout_s
@@ -81,16 +81,16 @@ def validate_eval(config: DictConfig) -> None:
     if evaluation.features not in FEATURES:
         refuse("eval.features", evaluation.features, f"valid: {', '.join(FEATURES)}")
     check_int("eval.batch_size", evaluation.batch_size, minimum=1)
-    check_int("eval.gallery", evaluation.gallery, minimum=0, note=" (the number of gallery queries; 0: none)")
+    check_int("eval.gallery", evaluation.gallery, minimum=0, rule=">= 0", note=" (the number of gallery queries; 0: none)")
     shots = list(evaluation.few_shot)
-    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in shots):
+    if not all(is_int(k) and k >= 1 for k in shots):
         refuse("eval.few_shot", shots, "it must be a list of positive integers (shots per class)")
     check_int("eval.few_shot_seeds", evaluation.few_shot_seeds, minimum=1)
 
 
 def _validate_model_and_objective(config: DictConfig) -> None:
     """The rules between the model kind, the loss, the regularisers and the loop's options."""
-    from plait.losses.objective import MODEL_ITC
+    from plait.losses.objective import MODEL_ITC, reads_independent
     from plait.losses.regularizers import REGULARIZERS
     from plait.models import MODEL_KINDS, model_class
 
@@ -98,25 +98,20 @@ def _validate_model_and_objective(config: DictConfig) -> None:
     if config.loss.name == MODEL_ITC:
         if not model.own_contrastive_term:
             kinds = " or ".join(f"model.kind={kind}" for kind, cls in MODEL_KINDS.items() if cls.own_contrastive_term)
-            raise ValueError(f"loss.name={MODEL_ITC} is a model's own contrastive term (the fusion model's ITC); it needs "
-                             f"{kinds} (model.kind={config.model.kind} has none)")
+            raise ValueError(f"loss.name={MODEL_ITC} is the fusion model's own ITC; it needs {kinds}")
         if config.loss.options:
             raise ValueError(f"loss.name={MODEL_ITC} takes no loss.options "
                              "(its settings are model.fusion's: alpha, queue_size, ...)")
         if config.loss.in_modal:
             raise ValueError(f"loss.in_modal needs a base loss; loss.name={MODEL_ITC} has none")
     if config.train.grad_cache_chunk and not model.supports_grad_cache:
-        raise ValueError(f"train.grad_cache_chunk is for two-tower models: model.kind={config.model.kind}'s loss is not a "
-                         "function of its contrastive features alone (the fusion model's ITM and MLM)")
+        raise ValueError("train.grad_cache_chunk is for two-tower models: the fusion model's ITM and MLM are not "
+                         "functions of the contrastive features alone")
     if config.train.bank_momentum and not model.accepts_bank_features:
-        raise ValueError(f"train.bank_momentum is for two-tower models; model.kind={config.model.kind} has momentum "
-                         "encoders of its own (model.fusion.momentum)")
-    independent = False
-    for spec in config.regularizers:
-        name = spec.get("name") if isinstance(spec, DictConfig) else None
-        if name in REGULARIZERS:
-            independent = independent or "a_ind" in REGULARIZERS.get(name).needs
-    if config.eval.features != "shared" and not independent:
+        raise ValueError("train.bank_momentum is for two-tower models; a fusion model has its own momentum encoders "
+                         "(model.fusion.momentum)")
+    names = [spec.get("name") if isinstance(spec, DictConfig) else None for spec in config.regularizers]
+    if config.eval.features != "shared" and not reads_independent([REGULARIZERS.get(n) for n in names if n in REGULARIZERS]):
         raise ValueError(f"eval.features={config.eval.features!r} needs a model with independent heads, which only a "
                          "separation regularizer gives (regularizers=[{name: separation, ...}]); use eval.features=shared")
 
@@ -124,17 +119,16 @@ def _validate_model_and_objective(config: DictConfig) -> None:
 def validate_with_data(config: DictConfig, train_set, world_size: int, device) -> None:
     """The rules that need the training set (``len``, ``labels``), the number of processes and the
     resolved device: a ValueError naming the key."""
+    from plait.distributed import local_batch_size
     from plait.models import model_class
 
     batch_size = config.data.batch_size  # the global batch: B / world_size rows per rank
     if not 2 <= batch_size <= len(train_set):
         raise ValueError(f"data.batch_size={batch_size} must be in [2, {len(train_set)}] (the training set size)")
-    if batch_size % world_size:
-        raise ValueError(f"data.batch_size={batch_size} (the global batch) must be a multiple of the {world_size} processes")
-    local = batch_size // world_size
+    local = local_batch_size(batch_size)  # refused unless the processes share it evenly
     rows = model_class(OmegaConf.to_container(config.model, resolve=True)).min_rows_per_process
     if world_size > 1 and local < rows:
-        raise ValueError(f"data.batch_size={batch_size} gives {local} row per process; model.kind={config.model.kind} needs at "
+        raise ValueError(f"data.batch_size={batch_size} gives {local} row per process; the {config.model.kind} model needs at "
                          f"least {rows} per process (ITM draws its negatives from them): use at least {rows * world_size}")
     if world_size > 1 and device.type == "cuda" and str(config.train.device).startswith("cuda:"):
         raise ValueError(f"train.device={config.train.device} would put every rank on one GPU; under torchrun each rank "
@@ -148,9 +142,11 @@ def validate_with_data(config: DictConfig, train_set, world_size: int, device) -
 def validate_finetune(config: DictConfig) -> None:
     """``plait finetune``'s settings (``FinetuneConfig``): a ValueError naming the key."""
     for key in ("batch_size", "epochs"):
-        check_int(key, config[key], minimum=1)
-    check_int("max_steps", config.max_steps, minimum=1, allow_none=True, note=" (or null: no limit)")
-    if not (math.isfinite(config.lr) and config.lr > 0):
+        if config[key] < 1:
+            raise ValueError(f"{key} must be >= 1, got {config[key]}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1 or null, got {config.max_steps}")
+    if not (math.isfinite(config.lr) and config.lr > 0):  # an infinite lr is refused too
         raise ValueError(f"lr must be positive, got {config.lr}")
     if not 0 <= config.validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {config.validation_fraction}")

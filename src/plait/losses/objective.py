@@ -21,7 +21,8 @@ from plait.types import PairFeatures
 
 MODEL_ITC = "momentum_itc"  # loss.name of a model's own contrastive term (the fusion model's momentum ITC)
 
-__all__ = ["MODEL_ITC", "ContrastiveObjective", "PairFeatures", "build_base_loss", "build_objective", "build_regularizer"]
+__all__ = ["MODEL_ITC", "ContrastiveObjective", "PairFeatures", "build_base_loss", "build_objective", "build_regularizer",
+           "reads_independent"]
 
 
 class ContrastiveObjective(nn.Module):
@@ -55,7 +56,7 @@ class ContrastiveObjective(nn.Module):
     @property
     def needs_independent(self) -> bool:
         """Whether the model must give independent features (a regulariser reads ``a_ind``)."""
-        return any("a_ind" in _needs(module) for module in self.regularizers)
+        return reads_independent([type(module) for module in self.regularizers])
 
     @property
     def stats(self) -> dict:
@@ -87,6 +88,14 @@ class ContrastiveObjective(nn.Module):
             total = total + weight * value
         self.parts = parts
         return total
+
+
+def reads_independent(regularizer_types: list[type]) -> bool:
+    """Whether some regulariser class declares it reads independent features (``a_ind``): the
+    model then builds independent heads. Config validation asks before anything is built."""
+    from plait.losses.regularizers import Regularizer
+
+    return any(issubclass(kind, Regularizer) and "a_ind" in kind.needs for kind in regularizer_types)
 
 
 def _needs(module: nn.Module) -> tuple[str, ...] | None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from plait._checks import is_number
+
 RANK_SEED_STRIDE = 10_007  # under torchrun rank r's random draws (augmentation, dropout) start from seed + r * this
 SIDES = ("a", "b")
 
@@ -37,8 +39,7 @@ def build_augmentation(config: DictConfig, dataset, side: str, needed: bool, ran
         raise ValueError(f"{key} has no option {', '.join(map(repr, unknown))}; the {modality} augmentation's options: "
                          f"{', '.join(accepted)}")
     scale = options.get("crop_scale")
-    if scale is not None and not (isinstance(scale, (list, tuple)) and len(scale) == 2
-                                  and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scale)):
+    if scale is not None and not (isinstance(scale, (list, tuple)) and len(scale) == 2 and all(is_number(x) for x in scale)):
         raise ValueError(f"{key}.crop_scale={scale!r} is not valid: it must be [min, max] with 0 < min <= max <= 1")
     if scale is not None:
         options["crop_scale"] = tuple(scale)
@@ -96,6 +97,7 @@ class BatchPreparer:
         return {side: module.get_state() for side, module in self.augment.items() if module is not None}
 
     def load_state_dict(self, states: dict) -> None:
+        """Restore each built augmentation's random state (checked by ``plait.training.state``)."""
         for side, module in self.augment.items():
             if module is not None and side in states:
                 module.set_state(states[side])

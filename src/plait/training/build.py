@@ -3,9 +3,10 @@ draws (so a config always gives the same run).
 
 Order: validate the settings -> device, precision, ranks -> seed -> datasets (and the validation
 split) -> the rules that need the data -> objective -> model (its initial weights are the first
-draws of the seeded generator) -> SyncBatchNorm, DDP wrapper -> each rank's own seed -> sampler
-and loader (their own generators) -> schedule -> optimizer, lr scheduler, grad scaler -> batch
-preparation (augmentation, its own generators) -> callbacks. Nothing is written anywhere.
+draws of the seeded generator) -> SyncBatchNorm -> callbacks (a momentum bank copies the model
+here, before the DDP wrapper) -> DDP wrapper -> each rank's own seed -> sampler and loader (their
+own generators) -> schedule -> optimizer, lr scheduler, grad scaler -> batch preparation
+(augmentation, its own generators). Nothing is written anywhere.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from plait.training.callbacks import Callback, default_callbacks
 from plait.training.step import OptimizerStep
 
 
-@dataclass
+@dataclass(eq=False, repr=False)  # a run is compared by identity, and its repr would print every dataset
 class RunParts:
     """Everything a run is made of; a :class:`plait.training.Trainer` carries each as an attribute.
 

@@ -39,6 +39,7 @@ class Callback:
     state_key: str | None = None  # the checkpoint key of ``module``'s state
     module: nn.Module | None = None
     setting: str = ""  # the config key that asks for it (named when a checkpoint lacks its state)
+    describes: str = ""  # what its module is, in words
 
     def on_step_start(self, trainer, batch: Batch) -> None:
         """Before the forward pass of ``batch``; may set ``batch.bank`` or raise :class:`StepFault`."""
@@ -77,6 +78,7 @@ class MomentumBank(Callback):
 
     state_key = "momentum_model"
     setting = "train.bank_momentum"
+    describes = "momentum encoder"
 
     def __init__(self, model: nn.Module, momentum: float):
         self.momentum = float(momentum)

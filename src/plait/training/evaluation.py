@@ -17,7 +17,7 @@ from plait.atomic import atomic_write_text
 
 def has_split(trainer, on: str) -> bool:
     """Whether the split an evaluation reads has items (user data may have no test split)."""
-    return on in ("validation", "staleness") or len(trainer.test_set) > 0
+    return on == "validation" or len(trainer.test_set) > 0
 
 
 def info(trainer, on: str) -> dict:

@@ -19,8 +19,8 @@ MAX_CONSECUTIVE_SKIPS = 20  # train.on_nonfinite=skip stops anyway after this ma
 
 
 class StepFault(Exception):
-    """Raised inside a step (by a callback or the optimizer step) for a fault the policy decides
-    on: ``message`` says what went wrong, without where."""
+    """Raised inside a step (by a callback's ``on_step_start``) for a fault the policy decides on:
+    the message says what went wrong, without where."""
 
 
 def nonfinite_tensor(*modules: nn.Module | None) -> str | None:
@@ -54,9 +54,9 @@ def degenerate_features(features, index: torch.Tensor) -> str | None:
 class FaultPolicy:
     """``stop`` or ``skip`` a faulty step, with the counts a checkpoint keeps.
 
-    ``decide(what, index, position, model, last_good, on_skip)`` raises (stop, too many skips, or
-    parameters no longer finite) or counts the step as skipped and calls ``on_skip()`` (the
-    scheduler's step)."""
+    ``decide(what, index, position, model, last_good, resumable, on_skip)`` raises (stop, too many
+    skips, or parameters no longer finite) or counts the step as skipped and calls ``on_skip()``
+    (the lr scheduler's step)."""
 
     def __init__(self, skip: bool, is_main: bool):
         self.skip = skip
@@ -65,11 +65,13 @@ class FaultPolicy:
         self.consecutive_skips = 0
 
     def step_taken(self) -> None:
+        """A step was taken: the run of consecutive skips ends."""
         self.consecutive_skips = 0
 
     def decide(self, what: str, index: torch.Tensor, position: tuple[int, int, int], model: nn.Module,
                last_good: str, resumable: bool, on_skip) -> None:
-        """``position``: (step, epoch, batch of the epoch), the step counted from 1."""
+        """``position``: (step, epoch, batch of the epoch), the step counted from 1; ``last_good``:
+        where the last good checkpoint is; ``resumable``: whether there is one to resume from."""
         shown = index.tolist()
         indices = ", ".join(map(str, shown[:8])) + (", ..." if len(shown) > 8 else "")
         step, epoch, batch = position

@@ -34,6 +34,7 @@ class LossWindow:
         self.start = time.perf_counter()
 
     def add(self, loss: torch.Tensor | None, samples: int) -> None:
+        """One step's detached loss (None: a skipped step) and its local batch size."""
         self.samples += samples
         if loss is not None:
             self.losses.append(loss)
@@ -64,42 +65,54 @@ class LossWindow:
         self.start = time.perf_counter()
 
     def reset(self) -> None:
+        """Empty the window after a log line."""
         self.losses.clear()
         self.samples = 0
         self.start_clock()
 
     def state_dict(self) -> dict:
+        """The window as plain values, for a checkpoint's ``progress``."""
         return {"window_losses": [float(x) for x in self.losses], "window_samples": self.samples}
 
     def load_state_dict(self, progress: dict) -> None:
+        """The window of a checkpoint's ``progress`` (checked by ``plait.training.state``)."""
         self.losses[:] = [torch.tensor(x, dtype=torch.float32) for x in progress.get("window_losses", [])]
         self.samples = int(progress.get("window_samples", 0))
 
 
 class MetricsLog:
     """``run_dir/metrics.jsonl`` (and ``run_dir/tensorboard`` with ``tensorboard=True``), written
-    by the main process; ``lines`` counts this run's lines (a checkpoint stores it)."""
+    by the main process; ``lines`` counts this run's lines (a checkpoint stores it). ``fresh``: the
+    first record replaces the file (atomically) instead of appending to it, for a command that
+    starts over in its directory (``plait finetune``)."""
 
-    def __init__(self, run_dir: Path, is_main: bool, tensorboard: bool):
-        self.run_dir, self.is_main, self.tensorboard = Path(run_dir), is_main, tensorboard
+    def __init__(self, run_dir: Path, is_main: bool, tensorboard: bool, fresh: bool = False):
+        self.run_dir, self.is_main, self.tensorboard, self.fresh = Path(run_dir), is_main, tensorboard, fresh
         self.lines = 0
         self._writer = None
 
     @property
     def path(self) -> Path:
+        """``run_dir/metrics.jsonl``."""
         return self.run_dir / "metrics.jsonl"
 
-    def append(self, record: dict, last_good: str = "") -> None:
-        """Append ``record`` (rank 0 only); a write that fails is one WriteError naming the file."""
+    def append(self, record: dict, last_good: str | None = None) -> None:
+        """Append ``record`` (rank 0 only); a write that fails is one WriteError naming the file
+        (and ``last_good``, where the last good checkpoint is)."""
         if not self.is_main:
             return
+        line = json.dumps(finite_or_none(record)) + "\n"
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(finite_or_none(record)) + "\n")
+            if self.fresh and self.lines == 0:
+                atomic_write_text(self.path, line)
+            else:
+                with open(self.path, "a") as handle:
+                    handle.write(line)
         except OSError as error:  # a full disk, a read-only directory: one line (a resume drops a torn line)
+            where = f"step {record.get('step')}" + (f"; {last_good}" if last_good else "")
             raise WriteError(error.errno, f"could not append to {display_path(self.path)}: {error.strerror or error} "
-                                          f"(step {record.get('step')}; {last_good})") from None
+                                          f"({where})") from None
         self.lines += 1
         if self.tensorboard:
             self._scalars(record)
@@ -113,12 +126,6 @@ class MetricsLog:
         for key, value in record.items():
             if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                 self._writer.add_scalar(prefix + key, value, record["step"])
-
-    def clear(self) -> None:
-        """Start the log anew (a run that replaces the directory's previous one)."""
-        if self.is_main:
-            self.path.unlink(missing_ok=True)
-        self.lines = 0
 
     def truncate(self, step: int, count: int | None = None) -> None:
         """Keep the lines logged before a checkpoint of ``step`` (its first ``count``, when the
@@ -141,5 +148,6 @@ class MetricsLog:
         self.lines = len(keep)
 
     def close(self) -> None:
+        """Close the TensorBoard writer, if one was opened."""
         if self._writer is not None:
             self._writer.close()

@@ -18,24 +18,18 @@ from omegaconf import DictConfig, OmegaConf
 from plait.atomic import display_path
 from plait.checkpoint import load_checkpoint
 from plait.config import ALWAYS_MAY_CHANGE, DATA_LOCATION, RESUME_MAY_CHANGE, SCHEDULE_KEYS, config_differences, from_yaml, show
+from plait.runtime import AUTOCAST_DTYPES, precision_name
 from plait.training import state as train_state
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    """The name of an autocast dtype (None: fp32)."""
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
 def saved_autocast(state: dict, saved: DictConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype a checkpoint trained in: stored since plait records it; before, its
     ``train.precision`` resolved on its ``train.device`` (auto: assumed to be this machine's)."""
-    if state.get("precision") in PRECISIONS:
-        return PRECISIONS[state["precision"]]
+    if state.get("precision") in AUTOCAST_DTYPES:
+        return AUTOCAST_DTYPES[state["precision"]]
     precision, where = saved.train.precision, str(saved.train.device)
-    if precision in PRECISIONS:
-        return PRECISIONS[precision]
+    if precision in AUTOCAST_DTYPES:
+        return AUTOCAST_DTYPES[precision]
     kind = device.type if where == "auto" else ("cuda" if where.startswith("cuda") else where)
     return torch.bfloat16 if kind == "cuda" else None
 

@@ -20,10 +20,11 @@ from torch import nn
 from plait import distributed, runtime
 from plait._checks import is_int, is_number
 from plait.config import first_line, to_yaml
+from plait.training.callbacks import MomentumBank
 
 PARTS = (("model", dict), ("optimizer", dict), ("scheduler", dict), ("loss", dict), ("rng", dict), ("progress", dict),
          ("config", str))
-OPTIONAL_PARTS = ("augment", "scaler", "momentum_model")
+OPTIONAL_PARTS = ("augment", "scaler", MomentumBank.state_key)
 COUNTERS = ("step", "epoch", "batch_in_epoch", "skipped_steps", "consecutive_skips", "window_samples", "metrics_lines")
 
 
@@ -45,7 +46,7 @@ def capture(trainer) -> dict:
                      "metrics_lines": trainer.metrics.lines,
                      # the steps since the last log line: a resumed run logs the same mean loss
                      **trainer.window.state_dict()},
-        "momentum_model": {},
+        MomentumBank.state_key: {},  # written (empty) without a momentum bank too: one checkpoint layout
         **{callback.state_key: callback.module.state_dict() for callback in _stateful(trainer)},
         "data": trainer.data_fingerprint,
         "precision": trainer.precision_name,  # the autocast dtype it trained in (a resume keeps it)
@@ -192,8 +193,8 @@ def _validate_modules(trainer, state: dict, refuse) -> None:
     modules = [("model", trainer.model), ("loss", trainer.loss_fn)]
     for callback in _stateful(trainer):
         if not state.get(callback.state_key):
-            raise ValueError(f"the checkpoint has no {callback.state_key} state, but this run keeps one ({callback.setting}); "
-                             "resume with the settings it was trained with")
+            raise ValueError(f"the checkpoint has no {callback.describes}, but {callback.setting} > 0; resume with the settings "
+                             "it was trained with")
         modules.append((callback.state_key, callback.module))
     for key, module in modules:
         expected, saved = module.state_dict(), state[key]

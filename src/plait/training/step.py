@@ -52,6 +52,7 @@ class OptimizerStep:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
     def zero_grad(self) -> None:
+        """Drop every gradient (set to None)."""
         self.optimizer.zero_grad(set_to_none=True)
 
     def __call__(self, loss: torch.Tensor, parameters) -> StepResult:

@@ -13,28 +13,28 @@ A fault is the fault policy's (``faults``); a resume is ``resume``'s.
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from plait import distributed
+from plait import distributed, runtime
 from plait.checkpoint import export_weights, save_checkpoint
 from plait.config import first_line, to_yaml
 from plait.run_dir import check_run_dir, open_run_dir
 from plait.training import evaluation, state
 from plait.training import resume as resuming
 from plait.training.build import RunParts, build_run, schedule_length
+from plait.training.callbacks import MomentumBank
 from plait.training.faults import FaultPolicy, StepFault, degenerate_features, nonfinite_tensor
 from plait.training.metrics import LossWindow, MetricsLog
 from plait.training.step import forward_backward
 from plait.types import Batch, ObjectiveError
 
 
-class Trainer:
-    """Builds everything a config names (``build.build_run``: each part of ``RunParts`` is an
-    attribute) and runs or resumes it: ``fit()`` trains to the end of the schedule, saves,
+class Trainer(RunParts):
+    """A run's parts (``RunParts``, built by ``build.build_run`` from a config) and its loop; it
+    runs or resumes the run: ``fit()`` trains to the end of the schedule, saves,
     exports and evaluates; ``train_until(n)`` is the loop alone; ``save()``, ``export()`` and
     ``resume(path)`` are what their names say.
 
@@ -45,35 +45,35 @@ class Trainer:
     """
 
     def __init__(self, config: DictConfig, run_dir: str | Path | None = None, allow_import: bool = False):
-        parts = build_run(config, allow_import)
-        for part in fields(RunParts):
-            setattr(self, part.name, getattr(parts, part.name))
+        super().__init__(**vars(build_run(config, allow_import)))
         self.allow_import = allow_import
-        self.run_dir = Path(run_dir or config.output_dir)  # nothing is written into it before fit()
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.terms: dict = {}  # the named loss terms of the last step taken (model contract)
         self.faults = FaultPolicy(config.train.on_nonfinite == "skip", self.is_main)
         self.window = LossWindow()  # the steps since the last log line (it survives a resume)
-        self.metrics = MetricsLog(self.run_dir, self.is_main, config.train.tensorboard)
+        # the run directory (nothing is written into it before fit()) is the metrics log's
+        self.metrics = MetricsLog(Path(run_dir or config.output_dir), self.is_main, config.train.tensorboard)
         self.last_checkpoint: tuple[Path, int] | None = None  # (path, step) of the latest save or resume
         self.resumed_from: bool | Path = False  # True: output_dir/checkpoint.pt; a Path: the checkpoint given
         self._fingerprint = None
 
     # ------------------------------------------------------------------------------ parts and facts
-    optimizer = property(lambda self: self.update.optimizer)
-    scheduler = property(lambda self: self.update.scheduler)
-    scaler = property(lambda self: self.update.scaler)
-    augment = property(lambda self: self.batches.augment, doc="each side's augmentation (None: not augmented)")
-    skipped_steps = property(lambda self: self.faults.skipped_steps)
-    consecutive_skips = property(lambda self: self.faults.consecutive_skips)
-    precision_name = property(lambda self: ("fp64" if self.param_dtype == torch.float64
-                                            else resuming.precision_name(self.amp_dtype)))
-    periodic_split = property(lambda self: "validation" if self.validation_set is not None else "eval")
+    run_dir = property(lambda self: self.metrics.run_dir, doc="Where the run writes (output_dir unless given).")
+    optimizer = property(lambda self: self.update.optimizer, doc="The AdamW optimizer (``update``'s).")
+    scheduler = property(lambda self: self.update.scheduler, doc="The warm-up + cosine lr schedule (``update``'s).")
+    scaler = property(lambda self: self.update.scaler, doc="fp16's grad scaler, or None (``update``'s).")
+    augment = property(lambda self: self.batches.augment, doc="Each side's augmentation (None: not augmented).")
+    skipped_steps = property(lambda self: self.faults.skipped_steps, doc="Steps skipped (train.on_nonfinite=skip).")
+    consecutive_skips = property(lambda self: self.faults.consecutive_skips, doc="Skipped steps in a row, now.")
+    precision_name = property(lambda self: runtime.precision_name(self.amp_dtype, self.param_dtype),
+                              doc="fp64, fp32, bf16 or fp16: what a checkpoint records and a resume keeps.")
+    periodic_split = property(lambda self: "validation" if self.validation_set is not None else "eval",
+                              doc="Where evaluations during training look: the validation split if there is one.")
 
     @property
     def momentum_model(self) -> torch.nn.Module | None:
         """``train.bank_momentum``'s momentum copy of the model (None without one)."""
-        return next((c.module for c in self.callbacks if c.state_key == "momentum_model"), None)
+        return next((c.module for c in self.callbacks if c.state_key == MomentumBank.state_key), None)
 
     @property
     def data_fingerprint(self) -> dict:
@@ -98,6 +98,7 @@ class Trainer:
         self.metrics.append(record, self.last_good())
 
     def last_good(self) -> str:
+        """Where the last good checkpoint is (for messages after a fault), or that there is none."""
         if self.last_checkpoint is None:
             return "no checkpoint had been written"
         path, step = self.last_checkpoint

@@ -248,8 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(handler=_data_build)
 
     experiment = commands.add_parser("experiment", help="reproduce an experiment of the papers")
-    experiments = experiment.add_subparsers(dest="experiment", required=True)
+    _experiment_commands(experiment.add_subparsers(dest="experiment", required=True))
+    return parser
 
+
+def _experiment_commands(experiments) -> None:
+    """``plait experiment ...``: E1-E5, the main job, the gamma loss's ablation, the task baselines."""
     bias = experiments.add_parser("gradient-bias",
                                   help="E1: kappa / kappa_inf of InfoNCE, SogCLR and the gamma loss on the Gaussian toy")
     bias.add_argument("--out", default="runs/gradient-bias", help="output directory (default: %(default)s)")
@@ -324,7 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--reuse", action="store_true", help=REUSE_HELP)
     table.add_argument("overrides", nargs="*")
     table.set_defaults(handler=_experiment_regularizers)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,7 +136,8 @@ def test_every_file_plait_writes_goes_through_atomic_write():
             name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
             opened = name == "open" and any(isinstance(a, ast.Constant) and isinstance(a.value, str) and set(a.value) & set("wax")
                                             for a in node.args[1:2])
-            saved = name == "save" and isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in ("np", "torch")
+            saved = (name == "save" and isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                     and func.value.id in ("np", "torch"))
             if name in writers or opened or saved:
                 if inside_lambda(node):
                     continue

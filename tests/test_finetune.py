@@ -106,7 +106,8 @@ def test_the_trainer_drives_the_fusion_models_seed_momentum_and_loss(tmp_path):
     one.train_until(1)
     m = one.model.momentum
     for name in one.model.momentum_names:  # theta_m <- m theta_m + (1 - m) theta (theta after the step)
-        for before, after, fast in zip(slow[name], one.model.momentum_models[name].parameters(), getattr(one.model, name).parameters()):
+        for before, after, fast in zip(slow[name], one.model.momentum_models[name].parameters(),
+                                       getattr(one.model, name).parameters()):
             torch.testing.assert_close(after, m * before + (1 - m) * fast.detach())
         assert any(not torch.equal(a, b) for a, b in zip(online[name], getattr(one.model, name).parameters()))
     reg = Trainer(_config(tmp_path / "r", "optim.max_steps=1", "regularizers=[{name: consistency, weight: 0.5}]"))

@@ -83,7 +83,8 @@ SCHEMA = {  # key -> a strategy of values the schema accepts, and its expected l
     "eval.tasks": st.lists(st.sampled_from(["retrieval", "knn"]), max_size=2),
 }
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
-                 st.text(max_size=20), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+                 st.text(max_size=20), st.lists(st.integers(), max_size=3),
+                 st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
 
 
 def _nest(flat: dict) -> dict:
@@ -197,7 +198,8 @@ def test_alias_bombs_and_deep_nesting_are_refused_in_one_line_at_once(tmp_path):
         with pytest.raises(ValueError) as caught:
             load_config(path)
         assert str(caught.value) == f"config file {path} is refused: {message}"
-    with pytest.raises(ValueError, match=rf"^bad override 'model.a=\[\[\[.*': line 1: nested more than {MAX_YAML_DEPTH} levels deep$"):
+    with pytest.raises(ValueError,
+                       match=rf"^bad override 'model.a=\[\[\[.*': line 1: nested more than {MAX_YAML_DEPTH} levels deep$"):
         load_config("tiny", ["model.a=" + "[" * 3000 + "]" * 3000])
     with pytest.raises(ValueError, match=r"^bad override 'seed=\*x': line 1: an alias"):
         load_config("tiny", ["seed=*x"])

@@ -740,13 +740,15 @@ def test_folders(case):
                 reason = {
                     "missing": f"caption file {caption_file.name} not found",
                     "empty": f"empty caption in {caption_file.name}",
-                    "bad_byte": f"caption file {caption_file.name}: not valid UTF-8 (byte 0xe9 at line 1, column {len(text) + 1})",
+                    "bad_byte": f"caption file {caption_file.name}: not valid UTF-8 "
+                                f"(byte 0xe9 at line 1, column {len(text) + 1})",
                     "fifo": f"caption file {caption_file.name} is not a regular file",
                     "outside_caption": f"caption file {caption_file.name} links outside the data folder {base}",
                 }.get(ckind)
             if reason is None and kind in ("truncated", "garbage"):
                 reason = f"cannot decode image {image}: "
-            alternatives = list(dict.fromkeys(a for a in entry["alternatives"] if a != text)) if ckind in ("multi", "crlf") else []
+            alternatives = list(dict.fromkeys(a for a in entry["alternatives"]
+                                              if a != text)) if ckind in ("multi", "crlf") else []
             expected[name] = (reason, text, alternatives, entry["name"])
         order = sorted(expected, key=lambda n: Path(n))
         good = [(n, expected[n][1], Spec("good", image=expected[n][3], alternatives=expected[n][2]))
@@ -774,7 +776,8 @@ def test_folders(case):
 @st.composite
 def image_case(draw):
     side = draw(st.integers(1, 8))
-    kind = draw(st.sampled_from(["grey16", "rgb16", "rgba16", "grey8", "rgb8", "rgba8", "la8", "key16", "palette", "palette_alpha"]))
+    kind = draw(st.sampled_from(["grey16", "rgb16", "rgba16", "grey8", "rgb8", "rgba8", "la8", "key16", "palette",
+                                 "palette_alpha"]))
     seed = draw(st.integers(0, 2**32 - 1))
     cut = draw(st.one_of(st.none(), st.integers(0, 400)))
     return side, kind, seed, cut

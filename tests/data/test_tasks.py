@@ -65,7 +65,8 @@ class Facts:
         if self.group[k] != "people & body":
             return None
         w = set(self.words(k))
-        male, female = bool(w & {"man", "men", "boy", "prince", "merman"}), bool(w & {"woman", "women", "girl", "princess", "mermaid"})
+        male, female = bool(w & {"man", "men", "boy", "prince", "merman"}), bool(w & {"woman", "women", "girl", "princess",
+                                                                                      "mermaid"})
         if male and not female:
             return "male"
         if female and not male:

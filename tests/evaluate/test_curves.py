@@ -28,7 +28,8 @@ def groups(tmp_path):
         _run(tmp_path / "a1", [(1, 10, 0.3), (2, 20, 0.4), (3, 30, 0.5)]),
         _run(tmp_path / "a2", [(1, 10, 0.2), (2, 20, 0.6)]),  # stopped after epoch 2: epoch 3 is not common
     ]
-    b = [_run(tmp_path / "b0", [(1, 40, 0.5), (2, 80, 0.7), (2, 80, 0.75), (3, 120, 0.8)])]  # a repeated epoch: the later line wins
+    b = [_run(tmp_path / "b0",
+              [(1, 40, 0.5), (2, 80, 0.7), (2, 80, 0.75), (3, 120, 0.8)])]  # a repeated epoch: the later line wins
     c = [_run(tmp_path / "c0", [(1, 10, None), (2, 20, None)]), tmp_path / "no-such-run"]  # no run holds the metric
     return {"infonce B=512": a, "gamma B=32": b, "none": c}
 
@@ -101,7 +102,8 @@ def test_curves_table(groups, tmp_path):
     )
     every = curves_table(curves, every=2).splitlines()
     assert [line.split(" | ")[0] for line in every[2:]] == ["| 1", "| 3"]
-    last = curves_table({"g": {"x": [0.5, 1.0, 1.5, 2.0], "mean": [1, 2, 3, 4.25], "std": [0, 0, 0, math.sqrt(2)], "seeds": 2}}, every=2)
+    last = curves_table({"g": {"x": [0.5, 1.0, 1.5, 2.0], "mean": [1, 2, 3, 4.25], "std": [0, 0, 0, math.sqrt(2)], "seeds": 2}},
+                        every=2)
     assert last.splitlines()[2:] == ["| 0.5 | 1.0 +- 0.0 |", "| 1.5 | 3.0 +- 0.0 |", "| 2 | 4.2 +- 1.4 |"]
     with pytest.raises(ValueError, match="every"):
         curves_table(curves, every=0)

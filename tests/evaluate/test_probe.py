@@ -81,7 +81,8 @@ def test_few_shot_probe_mean_and_std_over_seeds():
     train_x, train_y = torch.randn(60, 4, generator=g), torch.arange(3).repeat(20)
     test_x, test_y = torch.randn(30, 4, generator=g), torch.arange(3).repeat(10)
     m = few_shot_probe(train_x, train_y, test_x, test_y, shots_list=(1, 4), seeds=(0, 1, 2))
-    assert set(m) == {f"lp_{k}shot_{name}{std}" for k in (1, 4) for name in ("acc1", "mean_per_class_recall", "log_loss") for std in ("", "_std")}
+    assert set(m) == {f"lp_{k}shot_{name}{std}" for k in (1, 4) for name in ("acc1", "mean_per_class_recall", "log_loss")
+                      for std in ("", "_std")}
     runs = [linear_probe(train_x, train_y, test_x, test_y, shots=4, seed=s)["acc1"] for s in (0, 1, 2)]
     assert m["lp_4shot_acc1"] == pytest.approx(np.mean(runs), abs=1e-12)
     assert m["lp_4shot_acc1_std"] == pytest.approx(np.std(runs, ddof=1), abs=1e-12)
@@ -104,7 +105,8 @@ def test_knn_hand_case():
     # k = 1: nearest neighbour; tiny temperature must not overflow
     assert knn_accuracy(train_x, train_y, query, label, k=1, temperature=1e-4)["knn_acc1"] == 1.0
     # a 1-1 vote tie goes to the smaller label
-    assert knn_accuracy(train_x, train_y, torch.tensor([[0.0, -1.0]]), torch.tensor([0]), k=2, weighting="uniform")["knn_acc1"] == 1.0
+    assert knn_accuracy(train_x, train_y, torch.tensor([[0.0, -1.0]]), torch.tensor([0]), k=2,
+                        weighting="uniform")["knn_acc1"] == 1.0
 
 
 def _knn_loop(train_x, train_y, test_x, k, temperature, weighting):
@@ -124,7 +126,8 @@ def _knn_loop(train_x, train_y, test_x, k, temperature, weighting):
     return np.array(predictions)
 
 
-@pytest.mark.parametrize("weighting,k,temperature", [("exp", 20, 0.07), ("exp", 5, 0.5), ("uniform", 7, 1.0), ("uniform", 1, 1.0)])
+@pytest.mark.parametrize("weighting,k,temperature",
+                         [("exp", 20, 0.07), ("exp", 5, 0.5), ("uniform", 7, 1.0), ("uniform", 1, 1.0)])
 def test_knn_matches_brute_force_loop(weighting, k, temperature):
     g = torch.Generator().manual_seed(9)
     train_x, train_y = torch.randn(80, 6, generator=g), torch.randint(0, 5, (80,), generator=g) * 2
@@ -186,10 +189,12 @@ def test_log_loss_equals_scikit_learn_log_loss():
 
     g = torch.Generator().manual_seed(0)
     train_x, test_x = torch.randn(120, 5, generator=g), torch.randn(60, 5, generator=g)
-    train_y, test_y = (train_x[:, 0] > 0).long() + (train_x[:, 1] > 0).long(), (test_x[:, 0] > 0).long() + (test_x[:, 1] > 0).long()
+    train_y = (train_x[:, 0] > 0).long() + (train_x[:, 1] > 0).long()
+    test_y = (test_x[:, 0] > 0).long() + (test_x[:, 1] > 0).long()
     got = linear_probe(train_x, train_y, test_x, test_y, C=1.0)["log_loss"]
     scaler = StandardScaler().fit(train_x.numpy())
-    model = LogisticRegression(C=1.0, max_iter=1000, tol=1e-3, random_state=0).fit(scaler.transform(train_x.numpy()), train_y.numpy())
+    model = LogisticRegression(C=1.0, max_iter=1000, tol=1e-3, random_state=0).fit(scaler.transform(train_x.numpy()),
+                                                                                   train_y.numpy())
     want = log_loss(test_y.numpy(), model.predict_proba(scaler.transform(test_x.numpy())), labels=np.arange(3))
     assert got == pytest.approx(want, rel=1e-5)
 

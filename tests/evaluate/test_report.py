@@ -15,7 +15,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def _make_run(path, *, eval_json=True, gallery=True, config=True, metrics=None, fields=None):
     path.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"step": s, "epoch": s // 50, "loss": 5.0 / (1 + s / 20), "lr": 1e-3, "samples_per_s": 900.0}) for s in range(120)]
+    lines = [json.dumps({"step": s, "epoch": s // 50, "loss": 5.0 / (1 + s / 20), "lr": 1e-3, "samples_per_s": 900.0})
+             for s in range(120)]
     lines += [json.dumps({"step": s, "epoch": s // 50, "split": "eval", "image_retrieval_recall@1": s / 200,
                           "text_retrieval_median_rank": 7.0}) for s in (40, 80, 119)]
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
@@ -208,7 +209,8 @@ def test_evaluations_sharing_an_epoch(tmp_path):
     run = _write_jsonl(tmp_path / "shared", [*TRAIN, *evals])
     assert eval_series(evals)[1] == {"lp_acc1": {1: 0.25, 2: 0.75}}
     text = write_report(run).read_text()
-    assert "2 evaluations on the test split, at epoch 1, 2 (1 more at an epoch already listed: the latest of each epoch is drawn)" in text
+    assert ("2 evaluations on the test split, at epoch 1, 2 (1 more at an epoch already listed: the latest of each epoch "
+            "is drawn)") in text
 
 
 def test_report_draws_the_validation_curves_when_there_are_any(tmp_path):

@@ -298,12 +298,13 @@ def test_paths_inside_a_saved_file_are_never_followed(tmp_path, tiny_run, capsys
         return change
 
     for name, change, shown in (("abs", csv_at(secret), str(secret)), ("home", csv_at("~/pairs.csv"), "~/pairs.csv"),
-                                ("folder", lambda c: c["data"].update(name="folder", options={"path": str(tmp_path)}), str(tmp_path))):
+                                ("folder", lambda c: c["data"].update(name="folder", options={"path": str(tmp_path)}),
+                                 str(tmp_path))):
         path = _crafted(tmp_path, tiny_run, change, name=f"{name}.safetensors")
         code, err = _eval_cli(capsys, path, "--out", tmp_path / "out")
         assert code == 2 and "the first line" not in err and "root:x" not in err
-        assert _one_line(err) == (f"plait: error: {path}: the file's config names data at {shown!r}, and file names inside a saved "
-                                  "model are never followed; pass data.options.path=... to evaluate on it")
+        assert _one_line(err) == (f"plait: error: {path}: the file's config names data at {shown!r}, and file names inside a "
+                                  "saved model are never followed; pass data.options.path=... to evaluate on it")
         assert not (tmp_path / "out").exists()
     path = _crafted(tmp_path, tiny_run, csv_at(secret, test_path=str(secret)), name="test.safetensors")
     code, err = _eval_cli(capsys, path, f"data.options.path={secret}")
@@ -313,7 +314,8 @@ def test_paths_inside_a_saved_file_are_never_followed(tmp_path, tiny_run, capsys
     monkeypatch.setenv("PLAIT_CACHE", str(cache))
     from plait.evaluate.run import evaluation_config, read_saved
 
-    path = _crafted(tmp_path, tiny_run, lambda c: c["data"].update(name="emoji", options={"cache_dir": str(evil_cache), "image_size": 8}),
+    path = _crafted(tmp_path, tiny_run,
+                    lambda c: c["data"].update(name="emoji", options={"cache_dir": str(evil_cache), "image_size": 8}),
                     name="cache.safetensors")
     _, stored, _ = read_saved(path)
     config = evaluation_config(stored, None, ["eval.tasks=[retrieval]"])
@@ -321,7 +323,8 @@ def test_paths_inside_a_saved_file_are_never_followed(tmp_path, tiny_run, capsys
     path = _crafted(tmp_path, tiny_run, lambda c: c["data"]["options"].update(cache_dir=False), name="memory.safetensors")
     assert dict(evaluation_config(read_saved(path)[1], None, []).data.options) == {"image_size": 8, "cache_dir": False}
     # stored options must be plain values
-    path = _crafted(tmp_path, tiny_run, lambda c: c["data"]["options"].update(image_size={"nested": [1]}), name="nested.safetensors")
+    path = _crafted(tmp_path, tiny_run, lambda c: c["data"]["options"].update(image_size={"nested": [1]}),
+                    name="nested.safetensors")
     code, err = _eval_cli(capsys, path)
     assert code == 2 and "stored data option 'image_size' is not a plain value" in _one_line(err)
     # a built-in dataset evaluates with its stored options, as before
@@ -338,11 +341,13 @@ def test_crafted_sizes_allocate_nothing_and_are_one_line(tmp_path, tiny_run, cap
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     cases = [
-        (lambda c: c["model"]["a"].update(hidden=[1 << 20, 1 << 20]), None, "its tensors do not fit the model its config describes"),
+        (lambda c: c["model"]["a"].update(hidden=[1 << 20, 1 << 20]), None,
+         "its tensors do not fit the model its config describes"),
         (lambda c: c["model"].update(embed_dim=-5), None, "model.embed_dim=-5 is not valid"),
         (lambda c: c["model"]["a"].update(hidden=[-1]), None, "model.a.hidden[0]=-1 is not valid"),
         (lambda c: c["model"].update(projection_hidden=-1), None, "model.projection_hidden=-1 is not valid"),
-        (lambda c: None, {"modalities": ["vector", "text"], "shapes": [[1 << 12, 1 << 12, 1 << 12], None]}, "malformed input spec"),
+        (lambda c: None, {"modalities": ["vector", "text"], "shapes": [[1 << 12, 1 << 12, 1 << 12], None]},
+         "malformed input spec"),
         (lambda c: None, {"modalities": ["vector", "text"], "shapes": [[1 << 20, 4096], None]}, "malformed input spec"),
         (lambda c: None, {"modalities": ["vector", "text"], "shapes": [[4096, 4096], None]}, "its tensors do not fit"),
     ]
@@ -352,7 +357,8 @@ def test_crafted_sizes_allocate_nothing_and_are_one_line(tmp_path, tiny_run, cap
             from safetensors.torch import save
 
             state, config_yaml = load_weights(path)
-            path.write_bytes(save(state, metadata={"format": "plait-weights-1", "config": config_yaml, "inputs": json.dumps(inputs)}))
+            path.write_bytes(save(state, metadata={"format": "plait-weights-1", "config": config_yaml,
+                                                   "inputs": json.dumps(inputs)}))
         code, err = _eval_cli(capsys, path)
         assert code == 2 and message in _one_line(err) and str(path) in err, (n, err)
     assert time.perf_counter() - start < 10
@@ -375,13 +381,15 @@ def test_a_file_without_an_input_spec_is_sized_from_the_evaluation_data_and_stil
     assert evaluate_saved(legacy) == metrics
     code, err = _eval_cli(capsys, legacy, "data.options.image_size=16")
     line = _one_line(err)
-    assert code == 2 and "this file has no input spec, so its towers were sized from the evaluation data (image of shape 3x16x16; text)" in line
+    assert code == 2 and ("this file has no input spec, so its towers were sized from the evaluation data "
+                          "(image of shape 3x16x16; text)") in line
     assert "encoder_a.net.1.weight has shape (64, 192), the model (64, 768)" in line and "data.options.image_size" in line
     # a CSV run's legacy file evaluates on the moved CSV (the data are built after the overrides)
     csv = _write_csv(tmp_path / "data")
     run = tmp_path / "csvrun"
-    train(load_config("tiny", [f"output_dir={run}", "data.name=csv", f"data.options.path={csv}", "data.options.test_fraction=0.25",
-                               "data.batch_size=8", "eval.tasks=[retrieval]", "train.staleness_every_epochs=0"]))
+    train(load_config("tiny", [f"output_dir={run}", "data.name=csv", f"data.options.path={csv}",
+                               "data.options.test_fraction=0.25", "data.batch_size=8", "eval.tasks=[retrieval]",
+                               "train.staleness_every_epochs=0"]))
     moved = tmp_path / "moved"
     shutil.move(str(csv.parent), moved)
     old = _legacy(tmp_path, run, "csv-legacy.safetensors")
@@ -400,7 +408,8 @@ def test_eval_messages_device_model_overrides_split_nan_and_file_names(tmp_path,
     cuda = _crafted(tmp_path, tiny_run, lambda c: c["train"].update(device="cuda"), name="cuda.safetensors")
     assert evaluate_saved(cuda, overrides=["eval.tasks=[retrieval]"])["image_retrieval_recall@1"] >= 0
     # the model is the file's: model.* (and how it was trained) cannot be overridden
-    for item, what in (("model.embed_dim=64", "the model is defined by the file"), ("optim.lr=0.1", "it does not change an evaluation"),
+    for item, what in (("model.embed_dim=64", "the model is defined by the file"),
+                       ("optim.lr=0.1", "it does not change an evaluation"),
                        ("loss.name=infonce", "it does not change an evaluation")):
         code, err = _eval_cli(capsys, tiny_run / "model.safetensors", item)
         key = item.split("=")[0]
@@ -408,8 +417,9 @@ def test_eval_messages_device_model_overrides_split_nan_and_file_names(tmp_path,
     # eval.split=validation is honoured: the validation split carved as the trainer carves it
     code, err = _eval_cli(capsys, tiny_run / "model.safetensors", "eval.split=validation")
     assert code == 2 and "eval.split=validation needs data.validation_fraction > 0" in _one_line(err)
-    on_validation = evaluate_saved(tiny_run / "model.safetensors", overrides=["eval.split=validation", "data.validation_fraction=0.2",
-                                                                                "eval.tasks=[retrieval]"], out_dir=tmp_path / "v")
+    on_validation = evaluate_saved(tiny_run / "model.safetensors",
+                                   overrides=["eval.split=validation", "data.validation_fraction=0.2", "eval.tasks=[retrieval]"],
+                                   out_dir=tmp_path / "v")
     assert json.loads((tmp_path / "v" / "eval.json").read_text())["split"] == "validation"
     assert on_validation != evaluate_saved(tiny_run / "model.safetensors", overrides=["eval.tasks=[retrieval]"])
     # NaN weights: the file is named
@@ -423,6 +433,7 @@ def test_eval_messages_device_model_overrides_split_nan_and_file_names(tmp_path,
     code, err = _eval_cli(capsys, odd)
     shown = repr(str(odd))[1:-1]  # the newline escaped: one line
     assert "\\n" in shown and code == 2
-    assert _one_line(err) == f"plait: error: {shown}: the model's encoder_a.net.1.weight holds NaN or infinite values; it cannot be evaluated"
+    assert _one_line(err) == (f"plait: error: {shown}: the model's encoder_a.net.1.weight holds NaN or infinite values; "
+                              "it cannot be evaluated")
     code, err = _eval_cli(capsys, tmp_path / "gone\nfile.pt")
     assert code == 2 and "gone\\nfile.pt does not exist" in _one_line(err)

@@ -41,7 +41,8 @@ def test_rates_recomputed(results):
         y = np.asarray(test.targets)
         majority = Counter(train.targets.tolist()).most_common(1)[0][0]
         assert r["majority"] == pytest.approx(np.mean(y == majority))
-        prior = {k: Counter(t for t, kk in zip(train.targets, train.kinds) if kk == k).most_common(1)[0][0] for k in set(train.kinds)}
+        prior = {k: Counter(t for t, kk in zip(train.targets, train.kinds) if kk == k).most_common(1)[0][0]
+                 for k in set(train.kinds)}
         assert r["kind_prior"] == pytest.approx(np.mean([prior[k] == t for k, t in zip(test.kinds, y)]))
         assert r["out_of_vocabulary"] == pytest.approx(np.mean(y < 0))
         assert r["test_items"] == len(test) and r["classes"] == test.num_classes

@@ -28,7 +28,8 @@ def test_quick_tuned_fusion_experiment_end_to_end(tmp_path):
     # every grid point: its score is the mean validation accuracy of its three fine-tunings; no test number is kept
     for entry in result["lr_grid"] + result["weight_grid"]:
         assert "test" not in entry
-        assert entry["score"] == pytest.approx(statistics.fmean(finetuned(entry["run_dir"], t)["validation_accuracy"] for t in TASKS))
+        assert entry["score"] == pytest.approx(statistics.fmean(finetuned(entry["run_dir"], t)["validation_accuracy"]
+                                                                for t in TASKS))
         assert entry["validation_r1"] is not None  # the pre-training validation point
     assert len(result["lr_grid"]) == 2 * len(lrs)
     for variant in variants:
@@ -38,13 +39,15 @@ def test_quick_tuned_fusion_experiment_end_to_end(tmp_path):
     assert [e["multiplier"] for e in weights] == [0.5, 1.0] and {e["lr"] for e in weights} == {result["chosen_lr"]["gc"]}
     assert [e["weight"] for e in weights] == [0.5, 1.0]  # x the default weight of consistency, 1
     best = max(e["score"] for e in weights)
-    assert result["chosen_multiplier"]["gc"] == next(e["multiplier"] for e in sorted(weights, key=lambda e: e["multiplier"] != 1.0)
-                                                     if e["score"] == best)  # a tie keeps the default
+    default_first = sorted(weights, key=lambda e: e["multiplier"] != 1.0)
+    # a tie keeps the default
+    assert result["chosen_multiplier"]["gc"] == next(e["multiplier"] for e in default_first if e["score"] == best)
     assert result["chosen_multiplier"]["albef"] == 1.0
     rows = result["rows"]
     assert [(r["variant"], r["seed"]) for r in rows] == [(v, s) for v in variants for s in (0, 1)]
     for row in rows:  # the chosen settings, each number from the run's eval.json and finetune.json
-        assert (row["lr"], row["multiplier"]) == (result["chosen_lr"][row["variant"]], result["chosen_multiplier"][row["variant"]])
+        assert (row["lr"], row["multiplier"]) == (result["chosen_lr"][row["variant"]],
+                                                  result["chosen_multiplier"][row["variant"]])
         metrics = json.loads((Path(row["run_dir"]) / "eval.json").read_text())["metrics"]
         assert row["test"]["text_retrieval_recall@1"] == metrics["text_retrieval_recall@1"]
         for task in TASKS:
@@ -111,7 +114,8 @@ def test_choices_read_validation_scores_only(tmp_path, monkeypatch):
     assert (flipped["chosen_lr"], flipped["chosen_multiplier"]) == (result["chosen_lr"], result["chosen_multiplier"])
     assert [e["score"] for e in flipped["lr_grid"]] == [e["score"] for e in result["lr_grid"]]
     assert "| albef | 0.0002 | - |" in table and "| gc | 0.0001 | 0.5 |" in table
-    for until, keys in (("lr", {"lr_grid", "chosen_lr"}), ("weight", {"lr_grid", "chosen_lr", "weight_grid", "chosen_multiplier"})):
+    for until, keys in (("lr", {"lr_grid", "chosen_lr"}),
+                        ("weight", {"lr_grid", "chosen_lr", "weight_grid", "chosen_multiplier"})):
         partial, _ = run(+1, until)  # the sweep in pieces: each phase's grid and choice on disk
         assert keys <= set(partial) and "rows" not in partial and ("weight_grid" in partial) == (until == "weight")
 

@@ -68,7 +68,8 @@ def test_sweep_widens_the_lr_grid_past_an_edge_until_the_choice_is_bracketed(tmp
         for _, settings, tags in jobs:
             launched.append((tags["loss"], tags["lr_multiplier"], tags["seed"]))
             run_dir = next(s.split("=", 1)[1] for s in settings if s.startswith("output_dir="))
-            runs.append({**tags, "run_dir": run_dir, "metrics": {"text_retrieval_recall@1": 0.1, "image_retrieval_recall@1": 0.1}})
+            runs.append({**tags, "run_dir": run_dir,
+                         "metrics": {"text_retrieval_recall@1": 0.1, "image_retrieval_recall@1": 0.1}})
         return runs
 
     def fake_score(run_dir, metric):
@@ -82,10 +83,12 @@ def test_sweep_widens_the_lr_grid_past_an_edge_until_the_choice_is_bracketed(tmp
     monkeypatch.setattr(sweep, "plot_curves", lambda *args: None)
     table = sweep.run_batch_sweep(tmp_path, datasets=("emoji",), budgets=("steps",), workers=1,
                                   cells={"infonce": (32,), "gamma": (32,)})
-    tried = lambda loss: sorted(m for l, m, s in launched if l == loss and s == 0)  # noqa: E731
+    def tried(loss):
+        return sorted(m for name, m, s in launched if name == loss and s == 0)
+
     assert tried("infonce") == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
     assert tried("gamma") == [0.25, 0.5, 1.0, 2.0]
-    assert sorted((l, m) for l, m, s in launched if s > 0) == [("gamma", 0.5)] * 2 + [("infonce", 4.0)] * 2
+    assert sorted((name, m) for name, m, s in launched if s > 0) == [("gamma", 0.5)] * 2 + [("infonce", 4.0)] * 2
     assert "- infonce B=32: lr tried 0.25, 0.5, 1, 2, 4, 8 (grid widened to 4, 8; bracketed)" in table
     assert "gamma B=32: lr tried" not in table  # inside the grid: no note
     with pytest.raises(ValueError, match="--max-extensions=-1 must be 0 or more"):

@@ -8,7 +8,8 @@ from plait.experiments._stats import difference, mean_std
 
 
 def test_mean_std_is_the_sample_standard_deviation():
-    assert mean_std([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)))
+    sample_std = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+    assert mean_std([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, sample_std))
     assert mean_std([5.0]) == (5.0, 0.0)
 
 

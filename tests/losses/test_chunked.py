@@ -201,7 +201,8 @@ def test_no_batch_by_batch_tensor_is_kept_for_backward(name):
     batch, chunk = 300, 16
     a, b = (x.float() for x in _features(batch, batch, 8, seed=4))
     mode = "unimodal" if name.endswith("unimodal") else "bimodal"
-    loss = InfoNCELoss(mode=mode, chunk_size=chunk) if name.startswith("infonce") else SogCLRLoss(1000, mode=mode, chunk_size=chunk)
+    loss = InfoNCELoss(mode=mode, chunk_size=chunk) if name.startswith("infonce") else SogCLRLoss(1000, mode=mode,
+                                                                                                  chunk_size=chunk)
     options = {} if name.startswith("infonce") else {"index": torch.arange(batch)}
     sizes = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
@@ -217,7 +218,8 @@ def test_low_precision_inputs_match_dense(always_chunked, dtype, name):
     a, b = (x.detach().to(dtype).requires_grad_(True) for x in _features(20, 20, 8, seed=5))
     results = []
     for chunk in (6, None):
-        loss = InfoNCELoss(temperature=0.01, chunk_size=chunk) if name == "infonce" else SogCLRLoss(50, temperature=0.01, chunk_size=chunk)
+        loss = InfoNCELoss(temperature=0.01, chunk_size=chunk) if name == "infonce" else SogCLRLoss(50, temperature=0.01,
+                                                                                                    chunk_size=chunk)
         value = loss(a, b) if name == "infonce" else loss(a, b, index=torch.arange(20))
         results.append((value, *_grads(value, (a, b))))
     assert results[0][0].dtype == torch.float32

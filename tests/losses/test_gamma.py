@@ -26,7 +26,8 @@ def test_exact_estep_full_batch_equals_generalized_loss(mode, anchor_gradient, t
     a, b = _pairs(12, 5)
     a.requires_grad_(True)
     b.requires_grad_(True)
-    loss = GammaContrastiveLoss(12, temperature=temperature, estimator="exact", shape=INF, mode=mode, anchor_gradient=anchor_gradient)
+    loss = GammaContrastiveLoss(12, temperature=temperature, estimator="exact", shape=INF, mode=mode,
+                                anchor_gradient=anchor_gradient)
     value = loss(a, b, index=torch.arange(12), candidates=(a.detach(), b.detach()))
     grads = torch.autograd.grad(value, (a, b))
     reference = generalized_contrastive_loss(a, b, temperature=temperature, mode=mode)
@@ -95,7 +96,8 @@ def test_exact_estep_gradient_is_unbiased_at_batch_4(toy, shape, anchor_gradient
     size = true.numel()
     generator = torch.Generator().manual_seed(0)
     # the logit scale and two fixed random projections of all parameters
-    directions = torch.cat([torch.eye(size, dtype=torch.float64)[-1:], torch.randn(2, size, generator=generator, dtype=torch.float64)])
+    directions = torch.cat([torch.eye(size, dtype=torch.float64)[-1:],
+                            torch.randn(2, size, generator=generator, dtype=torch.float64)])
     for z in _z_scores(grads, true, directions):
         assert abs(z.item()) < 3.0, f"gradient off by {z.item():.2f} standard errors"
 
@@ -349,7 +351,8 @@ def test_state_on_another_device_is_named():
 
 # ------------------------------------------------------------------ the memory bank against the exact table
 def _memory_with_full_bank(a, b, temperature, anchor_gradient, mode="bimodal"):
-    loss = GammaContrastiveLoss(a.shape[0], temperature=temperature, estimator="memory", anchor_gradient=anchor_gradient, mode=mode)
+    loss = GammaContrastiveLoss(a.shape[0], temperature=temperature, estimator="memory", anchor_gradient=anchor_gradient,
+                                mode=mode)
     loss.refresh_bank(a.detach(), b.detach())
     return loss
 
@@ -392,7 +395,8 @@ def test_gradient_is_unbiased_enumerated_over_every_batch(estimator, anchor_grad
     import itertools
 
     a, b = _pairs(6, 3, seed=15)
-    params = (a.clone().requires_grad_(True), b.clone().requires_grad_(True), torch.tensor(2.5, dtype=torch.float64, requires_grad=True))
+    params = (a.clone().requires_grad_(True), b.clone().requires_grad_(True),
+              torch.tensor(2.5, dtype=torch.float64, requires_grad=True))
     total = [torch.zeros_like(p) for p in params]
     batches = list(itertools.combinations(range(6), 3))
     for chosen in batches:

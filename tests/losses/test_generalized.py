@@ -19,4 +19,5 @@ def test_matches_brute_force_loop(mode, temperature):
 def test_is_full_batch_infonce_minus_log_candidates(mode, offset):
     a, b = torch.randn(11, 5, dtype=torch.float64), torch.randn(11, 5, dtype=torch.float64)
     full = InfoNCELoss(temperature=0.2, mode=mode)(a, b)
-    assert generalized_contrastive_loss(a, b, temperature=0.2, mode=mode).item() == pytest.approx(full.item() - offset(11), abs=1e-9)
+    assert generalized_contrastive_loss(a, b, temperature=0.2, mode=mode).item() == pytest.approx(full.item() - offset(11),
+                                                                                                  abs=1e-9)

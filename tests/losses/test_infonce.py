@@ -29,7 +29,8 @@ def test_bimodal_matches_pytorch_metric_learning_with_reference_embeddings():
     labels = torch.arange(10)
     oracle = NTXentLoss(temperature=0.1)
     # ref_labels must be another tensor: PML drops the diagonal when it is the same object.
-    expected = (oracle(a, labels, ref_emb=b, ref_labels=labels.clone()) + oracle(b, labels, ref_emb=a, ref_labels=labels.clone())) / 2
+    a_to_b = oracle(a, labels, ref_emb=b, ref_labels=labels.clone())
+    expected = (a_to_b + oracle(b, labels, ref_emb=a, ref_labels=labels.clone())) / 2
     assert InfoNCELoss(temperature=0.1)(a, b).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
@@ -82,7 +83,8 @@ def test_normalize_false_uses_raw_dot_products():
 
 @pytest.mark.parametrize(
     "a_shape,b_shape,match",
-    [((4, 3), (4, 5), "features_a has shape"), ((4, 3), (5, 3), "features_a has shape"), ((4,), (4,), "shape \\(batch, dim\\)"), ((0, 3), (0, 3), "at least 1 pairs")],
+    [((4, 3), (4, 5), "features_a has shape"), ((4, 3), (5, 3), "features_a has shape"), ((4,), (4,), "shape \\(batch, dim\\)"),
+     ((0, 3), (0, 3), "at least 1 pairs")],
 )
 def test_bad_shapes_raise(a_shape, b_shape, match):
     with pytest.raises(ValueError, match=match):

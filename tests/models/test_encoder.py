@@ -44,7 +44,8 @@ def test_a_registered_encoder_is_built_by_name_and_sized_from_the_sample(registe
                         {"modalities": ["image", "text"], "shapes": [[3, 4, 4], None]})
     assert model.encode_a(torch.rand(2, 3, 4, 4)).shape == (2, 4)
     with pytest.raises(ValueError, match=r"model.a.out_dim=0 is not valid: it must be an integer in \[1, 1048576\]"):
-        build_model({"a": {"name": "wide_linear_test", "out_dim": 0}}, {"modalities": ["image", "text"], "shapes": [[3, 4, 4], None]})
+        build_model({"a": {"name": "wide_linear_test", "out_dim": 0}},
+                    {"modalities": ["image", "text"], "shapes": [[3, 4, 4], None]})
     with pytest.raises(ValueError, match="encoder 'wide_linear_test' has no option 'depth'; its options: in_dim, out_dim"):
         build_encoder({"name": "wide_linear_test", "depth": 2}, torch.empty(3))
 

@@ -317,7 +317,8 @@ def test_pretrain_itc_reads_the_queue_then_enqueues_the_momentum_features():
     model.train()
     images, texts, index = batch(8)
     with torch.no_grad():
-        model.queue.enqueue(F.normalize(torch.randn(3, 16), dim=1), F.normalize(torch.randn(3, 16), dim=1), torch.tensor([40, 41, 42]))
+        model.queue.enqueue(F.normalize(torch.randn(3, 16), dim=1), F.normalize(torch.randn(3, 16), dim=1),
+                            torch.tensor([40, 41, 42]))
     queue = tuple(t.clone() for t in model.queue.contents())
     terms, f = model.pretrain_step(images, texts, index, return_features=True)
     expected = momentum_itc_loss(f.a, f.b, f.a_aug, f.b_aug, f.logit_scale, 0.3, index, queue)[0]
@@ -359,7 +360,8 @@ def test_gamma_loss_replaces_itc_and_equals_the_gamma_loss_on_the_same_features(
 
 def test_structure_regularisers_consume_the_momentum_features_as_augmented_views():
     model = tiny()
-    objective = ContrastiveObjective(InfoNCELoss(), regularizers=[("gc", 0.5, GeometricConsistency()), ("bridge", 0.1, BrownianBridge())])
+    objective = ContrastiveObjective(InfoNCELoss(),
+                                     regularizers=[("gc", 0.5, GeometricConsistency()), ("bridge", 0.1, BrownianBridge())])
     images, texts, index = batch(8)
     terms, f = model.pretrain_step(images, texts, index, itc_loss=objective, return_features=True)
     assert f.a_aug is not None and not f.a_aug.requires_grad
@@ -367,7 +369,8 @@ def test_structure_regularisers_consume_the_momentum_features_as_augmented_views
     assert "itc/gc" in terms and "itc/bridge" in terms
     with pytest.raises(ValueError, match="independent=True"):
         from plait.losses.regularizers import FeatureSeparation
-        model.pretrain_step(images, texts, index, itc_loss=ContrastiveObjective(InfoNCELoss(), regularizers=[("sep", 1.0, FeatureSeparation())]))
+        model.pretrain_step(images, texts, index,
+                            itc_loss=ContrastiveObjective(InfoNCELoss(), regularizers=[("sep", 1.0, FeatureSeparation())]))
     separate = tiny(independent=True)
     _, f = separate.pretrain_step(images, texts, index, return_features=True)
     assert all(t is not None and t.shape == (8, 16) for t in (f.a_ind, f.b_ind, f.a_ind_aug, f.b_ind_aug))
@@ -391,7 +394,7 @@ def _bert_reference(weights, ids, mask, layers):
         def heads(h):
             return h.view(*h.shape[:2], 12, 32).transpose(1, 2)
 
-        q, k, v = heads(lin(x, "attention.self.query")), heads(lin(x, "attention.self.key")), heads(lin(x, "attention.self.value"))
+        q, k, v = (heads(lin(x, f"attention.self.{name}")) for name in ("query", "key", "value"))
         a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(32) + bias, dim=-1) @ v
         x = F.layer_norm(x + lin(a.transpose(1, 2).flatten(2), "attention.output.dense"), (384,),
                          w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"], 1e-12)

@@ -131,7 +131,8 @@ def test_a_model_is_sized_on_the_meta_device_without_memory():
     from plait.models import check_input_spec
 
     spec = {"modalities": ["image", "text"], "shapes": [[3, 8, 8], None]}
-    config = {"a": {"name": "mlp", "hidden": [1 << 20, 1 << 20]}, "b": {"name": "bow", "out_dim": 8, "embed_dim": 8}, "embed_dim": 8}
+    config = {"a": {"name": "mlp", "hidden": [1 << 20, 1 << 20]}, "b": {"name": "bow", "out_dim": 8, "embed_dim": 8},
+              "embed_dim": 8}
     huge = build_model(config, spec, device="meta")
     assert all(t.device.type == "meta" for t in huge.state_dict().values())
     assert huge.state_dict()["encoder_a.net.5.weight"].shape == (1 << 20, 1 << 20)

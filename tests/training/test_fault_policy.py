@@ -23,7 +23,8 @@ def test_skip_counts_and_stops_after_the_limit_or_at_once_for_broken_parameters(
     policy = FaultPolicy(skip=True, is_main=True)
     skipped = []
     for _ in range(MAX_CONSECUTIVE_SKIPS - 1):
-        policy.decide("bad", torch.arange(2), (1, 0, 1), nn.Linear(2, 2), "no checkpoint", False, on_skip=lambda: skipped.append(1))
+        policy.decide("bad", torch.arange(2), (1, 0, 1), nn.Linear(2, 2), "no checkpoint", False,
+                      on_skip=lambda: skipped.append(1))
     assert len(skipped) == policy.skipped_steps == policy.consecutive_skips == MAX_CONSECUTIVE_SKIPS - 1
     assert "train.on_nonfinite=skip" in capsys.readouterr().err
     policy.step_taken()

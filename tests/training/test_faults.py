@@ -104,7 +104,8 @@ def test_skip_takes_no_optimizer_step_but_keeps_the_schedule_and_logs_the_count(
     assert trainer.scheduler.last_epoch == 3
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * factor(3), rel=1e-12)
     trainer.train_until(6)
-    assert trainer.consecutive_skips == 0 and not torch.equal(dict(trainer.model.named_parameters())["logit_scale"], before["logit_scale"])
+    assert trainer.consecutive_skips == 0 and not torch.equal(dict(trainer.model.named_parameters())["logit_scale"],
+                                                              before["logit_scale"])
     records = _records(tmp_path)
     # train_until(n) also logs at step n: windows (1, 2), (3), (4), (5, 6)
     assert [(r["step"], r["skipped_steps"]) for r in records] == [(2, 0), (3, 1), (4, 1), (6, 1)]
@@ -248,10 +249,12 @@ def test_resume_refuses_other_training_data(tmp_path):
     run = tmp_path / "run"
     _checkpointed(run, *data)
     write_csv([(i, f"patch {i}") for i in range(24)])
-    with pytest.raises(ValueError, match=r"the training data differ from the checkpoint's \(same size \(18 items\) but different data\)"):
+    with pytest.raises(ValueError,
+                       match=r"the training data differ from the checkpoint's \(same size \(18 items\) but different data\)"):
         Trainer(_config(run, *data)).resume()
     write_csv([*captions, *((i, f"swatch {i}") for i in range(24, 30))])
-    with pytest.raises(ValueError, match=r"the training data differ from the checkpoint's \(18 items in the checkpoint, 22 now\)"):
+    with pytest.raises(ValueError,
+                       match=r"the training data differ from the checkpoint's \(18 items in the checkpoint, 22 now\)"):
         Trainer(_config(run, *data)).resume()
     write_csv(captions)
     Trainer(_config(run, *data)).resume()  # the original data resume
@@ -313,9 +316,11 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint_and_says_so
     ("optim.warmup_fraction=-0.5", "optim.warmup_fraction=-0.5 is not valid"),
     ("train.log_every=0", "train.log_every=0 is not valid"),
     ("train.on_nonfinite=ignore", "train.on_nonfinite='ignore' is not valid: valid: stop, skip"),
-    ("eval.tasks=[retreival]", "eval.tasks has unknown task(s) 'retreival'; valid: retrieval, zero_shot, linear_probe, few_shot, knn"),
+    ("eval.tasks=[retreival]",
+     "eval.tasks has unknown task(s) 'retreival'; valid: retrieval, zero_shot, linear_probe, few_shot, knn"),
     ("eval.label=colour", "eval.label='colour' is not a label set of the digits data; valid: digit"),
-    ("train.device=gpu", "train.device='gpu' is not a device plait runs on; valid: auto, cpu, cuda, cuda:N (N: a GPU's index), mps"),
+    ("train.device=gpu",
+     "train.device='gpu' is not a device plait runs on; valid: auto, cpu, cuda, cuda:N (N: a GPU's index), mps"),
     ("train.precision=fp8", "train.precision must be one of auto, fp32, fp64, bf16, fp16, got 'fp8'"),
     ("train.grad_cache_chunk=-4", "train.grad_cache_chunk=-4 is not valid: it must be an integer >= 0 (0: off)"),
     ("train.dist_timeout_s=0", "train.dist_timeout_s=0.0 is not valid: it must be a positive number of seconds"),
@@ -435,8 +440,10 @@ def _crafted_checkpoints(path):
          "progress says step 2 at epoch 0, batch 1000000000, which does not fit this run's"),
         ("step off its epoch", lambda s: s["progress"].update(step=5), "progress says step 5 at epoch 0, batch 2"),
         ("torn window", lambda s: s["progress"].update(window_losses=[float("nan")]), "progress.window_losses is not a list"),
-        ("bad rng", lambda s: s.update(rng={"torch": torch.zeros(3, dtype=torch.uint8)}), "rng is not a random state plait wrote"),
-        ("short torch rng", lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), "rng is not a random state plait wrote (torch:"),
+        ("bad rng", lambda s: s.update(rng={"torch": torch.zeros(3, dtype=torch.uint8)}),
+         "rng is not a random state plait wrote"),
+        ("short torch rng", lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
+         "rng is not a random state plait wrote (torch:"),
         ("bad python rng", lambda s: s["rng"].update(python=(3, (1, 2), None)), "rng is not a random state plait wrote (python:"),
         ("empty loss state", lambda s: s.update(loss={}), "loss does not fit this run's loss: "),
         ("loss of another type", lambda s: s.update(loss=[1]), "loss is a list, not a dict"),
@@ -572,13 +579,15 @@ def test_a_checkpoint_from_a_gpu_run_is_resumed_in_its_precision_and_its_random_
     # the trainer reads checkpoints onto the CPU (set_rng_state needs CPU bytes; load_state_dict moves the rest)
     seen = []
     real = plait.training.resume.load_checkpoint
-    monkeypatch.setattr(plait.training.resume, "load_checkpoint", lambda path, map_location="cpu": seen.append(map_location) or real(path, map_location))
+    monkeypatch.setattr(plait.training.resume, "load_checkpoint", lambda path, map_location="cpu": seen.append(map_location)
+                        or real(path, map_location))
     Trainer(_config(run, *FAST)).resume()
     assert seen == ["cpu"]
     # set_rng_state takes a state whose tensors are of another dtype (as after another map_location)
     saved = runtime.rng_state()
     expected = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
-    moved = {**saved, "torch": saved["torch"].to(torch.int64), "numpy": {**saved["numpy"], "keys": saved["numpy"]["keys"].to(torch.int32)}}
+    moved = {**saved, "torch": saved["torch"].to(torch.int64),
+             "numpy": {**saved["numpy"], "keys": saved["numpy"]["keys"].to(torch.int32)}}
     torch.rand(5), np.random.rand(3), random.random()
     runtime.check_rng_state(moved)
     runtime.set_rng_state(moved)

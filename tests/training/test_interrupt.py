@@ -292,7 +292,8 @@ def test_kill9_at_random_moments_then_resume_is_bitwise_identical(campaign):
     by_mode = {mode: sum(k["mode"] == mode for k in kills) for mode in sorted(set(MODES))}
     print(f"\n{len(kills)} kills in {len(campaign['episodes']) - 1} episodes ({by_mode}); {in_checkpoint} inside a checkpoint "
           f"write, {in_export} inside the safetensors export; an uninterrupted forked run {timing['full_run_s']:.2f} s, "
-          f"a checkpoint write {1e3 * statistics.median(timing['checkpoint'] or [0]):.1f} ms (median of {len(timing['checkpoint'])}); "
+          f"a checkpoint write {1e3 * statistics.median(timing['checkpoint'] or [0]):.1f} ms "
+          f"(median of {len(timing['checkpoint'])}); "
           f"campaign {campaign['seconds']:.1f} s")
     assert problems == []
     assert len(kills) >= MIN_KILLS and in_checkpoint >= MIN_KILLS_IN_WRITES

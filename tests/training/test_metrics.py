@@ -23,7 +23,8 @@ def test_the_window_logs_the_mean_loss_of_its_steps_and_its_throughput():
     again.load_state_dict(state)
     assert again.record(3, 0, {}, 0.1, 14.0, 1, None)["loss"] == 2.0
     window.reset()
-    assert window.record(4, 0, {}, 0.1, 14.0, 1, None)["loss"] is None and "skipped_steps" not in window.record(4, 0, {}, 0, 1, 1, None)
+    assert window.record(4, 0, {}, 0.1, 14.0, 1, None)["loss"] is None and "skipped_steps" not in window.record(4, 0, {}, 0, 1, 1,
+                                                                                                                None)
 
 
 def test_metrics_log_appends_strict_json_and_a_resume_truncates_to_the_checkpoint(tmp_path):

@@ -22,7 +22,8 @@ def _config(tmp_path, *overrides):
 def test_cli_trains_and_evaluates_tiny_config_end_to_end(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "tiny", f"output_dir={run}", "loss.name=gamma"]) == 0
-    for name in ("checkpoint.pt", "model.safetensors", "config.yaml", "metrics.jsonl", "eval.json", "report.md", "loss.png", "gallery.png"):
+    for name in ("checkpoint.pt", "model.safetensors", "config.yaml", "metrics.jsonl", "eval.json", "report.md", "loss.png",
+                 "gallery.png"):
         assert (run / name).stat().st_size > 0, name
     trained = json.loads((run / "eval.json").read_text())["metrics"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -167,13 +168,15 @@ def test_user_csv_data_with_a_bad_row_trains_and_lists_the_skip(tmp_path):
     assert "image_retrieval_recall@1" in json.loads((run / "eval.json").read_text())["metrics"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     # the default policy stops at the bad row and names it
-    assert main(["train", "tiny", f"output_dir={tmp_path / 'strict'}", "data.name=csv", f"data.options.path={tmp_path / 'pairs.csv'}",
-                 "data.options.image_column=picture", "data.options.text_column=caption"]) == 2
+    assert main(["train", "tiny", f"output_dir={tmp_path / 'strict'}", "data.name=csv",
+                 f"data.options.path={tmp_path / 'pairs.csv'}", "data.options.image_column=picture",
+                 "data.options.text_column=caption"]) == 2
 
 
 @pytest.mark.parametrize("regularizers", [
     "[{name: separation, weight: 0.1}]", "[{name: bridge, weight: 0.1, t: 0.25}]",
-    "[{name: consistency, weight: 0.5}]", "[{name: sep, weight: 0.1}, {name: br, weight: 0.1, t: uniform}, {name: gc, weight: 0.5}]",
+    "[{name: consistency, weight: 0.5}]",
+    "[{name: sep, weight: 0.1}, {name: br, weight: 0.1, t: uniform}, {name: gc, weight: 0.5}]",
 ])
 def test_each_regularizer_with_the_gamma_loss_trains_end_to_end(tmp_path, regularizers):
     run = tmp_path / "run"
@@ -229,8 +232,9 @@ def test_validation_split_step_budget_staleness_records_and_exact_from_a_config(
     """data.validation_fraction carves a validation split that evaluations during training read; optim.steps is
     the schedule's length over as many epochs as it takes; the gamma loss logs its staleness once per epoch;
     estimator=exact gets every item's features from the trainer before each step."""
-    trainer = Trainer(_config(tmp_path, "data.validation_fraction=0.2", "optim.steps=13", "optim.max_steps=null", "data.batch_size=256",
-                              "train.eval_every_epochs=1", "eval.tasks=[retrieval]", "loss.options.estimator=exact"))
+    trainer = Trainer(_config(tmp_path, "data.validation_fraction=0.2", "optim.steps=13", "optim.max_steps=null",
+                              "data.batch_size=256", "train.eval_every_epochs=1", "eval.tasks=[retrieval]",
+                              "loss.options.estimator=exact"))
     full = len(trainer.test_set)  # the test split is untouched
     assert len(trainer.train_set) + len(trainer.validation_set) == len(Trainer(_config(tmp_path / "x")).train_set)
     assert trainer.total_steps == 13 and trainer.steps_per_epoch < 13

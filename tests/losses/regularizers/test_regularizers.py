@@ -149,7 +149,8 @@ def test_build_regularizer_errors():
 def test_in_modal_objective_is_a_quarter_of_each_direction():
     zv, zt, zva, zta = (_unit(6, 4, s) for s in range(4))
     base = InfoNCELoss(temperature=0.2)
-    objective = ContrastiveObjective(InfoNCELoss(temperature=0.2), in_modal=(InfoNCELoss(temperature=0.2), InfoNCELoss(temperature=0.2)))
+    objective = ContrastiveObjective(InfoNCELoss(temperature=0.2),
+                                     in_modal=(InfoNCELoss(temperature=0.2), InfoNCELoss(temperature=0.2)))
     value = objective(PairFeatures(zv, zt, None, None, zva, zta))
     # 1/4 (V2T + T2V + V2V + T2T), each pair loss already the mean of its two directions
     expected = infonce_loop(zv, zt, 0.2) / 2 + (infonce_loop(zv, zva, 0.2) + infonce_loop(zt, zta, 0.2)) / 4

@@ -116,21 +116,21 @@ def _validate_model_and_objective(config: DictConfig) -> None:
                          "separation regularizer gives (regularizers=[{name: separation, ...}]); use eval.features=shared")
 
 
-def validate_with_data(config: DictConfig, train_set, world_size: int, device) -> None:
+def validate_with_data(config: DictConfig, train_set, device) -> None:
     """The rules that need the training set (``len``, ``labels``), the number of processes and the
     resolved device: a ValueError naming the key."""
-    from plait.distributed import local_batch_size
+    from plait.distributed import local_batch_size, world_size
     from plait.models import model_class
 
     batch_size = config.data.batch_size  # the global batch: B / world_size rows per rank
     if not 2 <= batch_size <= len(train_set):
         raise ValueError(f"data.batch_size={batch_size} must be in [2, {len(train_set)}] (the training set size)")
-    local = local_batch_size(batch_size)  # refused unless the processes share it evenly
+    local, processes = local_batch_size(batch_size), world_size()  # refused unless the processes share it evenly
     rows = model_class(OmegaConf.to_container(config.model, resolve=True)).min_rows_per_process
-    if world_size > 1 and local < rows:
+    if processes > 1 and local < rows:
         raise ValueError(f"data.batch_size={batch_size} gives {local} row per process; the {config.model.kind} model needs at "
-                         f"least {rows} per process (ITM draws its negatives from them): use at least {rows * world_size}")
-    if world_size > 1 and device.type == "cuda" and str(config.train.device).startswith("cuda:"):
+                         f"least {rows} per process (ITM draws its negatives from them): use at least {rows * processes}")
+    if processes > 1 and device.type == "cuda" and str(config.train.device).startswith("cuda:"):
         raise ValueError(f"train.device={config.train.device} would put every rank on one GPU; under torchrun each rank "
                          "takes the GPU of its LOCAL_RANK: use train.device=cuda or auto")
     label = config.eval.label

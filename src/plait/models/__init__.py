@@ -7,6 +7,7 @@ builder and its capabilities declared on the class (``plait.models.contract``).
 
 from __future__ import annotations
 
+from plait._checks import check_int
 from plait.models.contract import ContrastiveModel
 from plait.models.encoder import ENCODERS, MAX_SIZE, Encoder, build_encoder, encoder_class
 from plait.models.inputs import MAX_VIEW_ELEMENTS, check_input_spec, input_spec
@@ -55,4 +56,5 @@ def build_model(config: dict, inputs, independent: bool = False, allow_import: b
 
     Example: ``build_model({"a": {"name": "mlp"}, "embed_dim": 16}, dataset)``."""
     cls = model_class(config)
+    check_int("model.embed_dim", config.get("embed_dim", 128), minimum=1, maximum=MAX_SIZE)  # every kind's features
     return cls.from_config(config, inputs, independent=independent, allow_import=allow_import, device=device, seed=seed)

@@ -33,7 +33,6 @@ from plait.registry import Registry
 
 ENCODERS = Registry("encoder")
 MAX_SIZE = 1 << 20  # a width, depth, length or dimension larger than this is refused, not allocated
-MODALITIES = ("image", "text", "vector", "tensor")  # "tensor": images and vectors alike
 
 
 class Encoder(nn.Module):

@@ -70,8 +70,7 @@ class TwoTower(ContrastiveModel):
         the key); ``device="meta"`` builds shapes only, except encoders that load weights from disk.
         ``seed`` is unused: its draws are the global generator's."""
         modalities, samples = meta_samples(inputs)
-        embed_dim = config.get("embed_dim", 128)
-        check_int("model.embed_dim", embed_dim, minimum=1, maximum=MAX_SIZE)
+        embed_dim = config.get("embed_dim", 128)  # checked by plait.models.build_model
         projection_hidden = config.get("projection_hidden", 0)
         check_int("model.projection_hidden", projection_hidden, minimum=0, maximum=MAX_SIZE)
         temperature = config.get("init_temperature", 0.07)

@@ -143,7 +143,7 @@ def build_run(config: DictConfig, allow_import: bool = False) -> RunParts:
     rank, world_size = distributed.rank(), distributed.world_size()
     runtime.seed_everything(config.seed, config.train.deterministic)  # the same on every rank: the same model
     train_set, validation_set, test_set, write_skipped = _datasets(config)
-    validate_with_data(config, train_set, world_size, device)
+    validate_with_data(config, train_set, device)
     objective = build_objective(config, len(train_set)).to(device)
     model, inputs = _model(config, train_set, objective, rank, allow_import, device, param_dtype)
     model = sync_batch_norm(model, device, world_size, config.data.batch_size, distributed.is_main())

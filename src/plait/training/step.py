@@ -93,11 +93,11 @@ class OptimizerStep:
 
 
 def forward_backward(model: nn.Module, step_module: nn.Module, batch: Batch, objective: nn.Module, *, device: torch.device,
-                     amp_dtype: torch.dtype | None, grad_cache_chunk: int, scale_loss) -> StepOutput:
+                     amp_dtype: torch.dtype | None, grad_cache_chunk: int, scale_loss, world_size: int = 1) -> StepOutput:
     """The model contract's step on ``batch`` and its backward; returns the step's ``StepOutput``.
 
     ``step_module`` is the model's step as a module (``distributed.TrainingStep``, DDP-wrapped under
-    torchrun); one process calls ``model.training_step`` itself. Forward passes run in the autocast
+    torchrun, ``world_size`` > 1); one process calls ``model.training_step`` itself. Forward passes run in the autocast
     region of ``amp_dtype``, backward passes outside it, as torch recommends."""
     if grad_cache_chunk:
         from plait.grad_cache import grad_cache_step
@@ -110,7 +110,7 @@ def forward_backward(model: nn.Module, step_module: nn.Module, batch: Batch, obj
 
         return grad_cache_step(features, batch, objective, grad_cache_chunk, no_sync=no_sync, scale_loss=scale_loss)
     with runtime.autocast(device, amp_dtype):
-        if distributed.world_size() > 1:
+        if world_size > 1:
             out = step_module(batch, objective)
         else:  # one process: the model itself, no wrapper in the way
             out = model.training_step(batch, objective)

@@ -49,6 +49,7 @@ class Trainer(RunParts):
         self.allow_import = allow_import
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.terms: dict = {}  # the named loss terms of the last step taken (model contract)
+        self._grad_cache_chunk = int(config.train.grad_cache_chunk)  # an OmegaConf lookup per step costs ~10 us
         self.faults = FaultPolicy(config.train.on_nonfinite == "skip", self.is_main)
         self.window = LossWindow()  # the steps since the last log line (it survives a resume)
         # the run directory (nothing is written into it before fit()) is the metrics log's
@@ -125,8 +126,8 @@ class Trainer(RunParts):
         self.update.zero_grad()
         try:
             out = forward_backward(self.model, self.step_module, batch, self.loss_fn, device=self.device,
-                                   amp_dtype=self.amp_dtype, grad_cache_chunk=int(self.config.train.grad_cache_chunk),
-                                   scale_loss=self.update.scale)
+                                   amp_dtype=self.amp_dtype, grad_cache_chunk=self._grad_cache_chunk,
+                                   scale_loss=self.update.scale, world_size=self.world_size)
         except ObjectiveError as error:  # a feature row with no direction (all zeros) is refused by the loss
             fault = degenerate_features(error.features, batch.index)
             if fault is None:

@@ -8,7 +8,6 @@ import inspect
 
 import torch
 
-from plait._checks import check_int
 from plait.models.fusion.model import FusionModel
 
 PRESETS: dict[str, dict] = {
@@ -52,14 +51,12 @@ def fusion_from_config(config: dict, inputs, *, independent: bool = False, devic
     ``model.learn_temperature`` apply; the image size comes from ``inputs`` (a dataset or an input
     spec); ``seed`` (unless ``model.fusion.seed`` is set) seeds the model's own draws (masks, hard
     negatives). Needs image-text data."""
-    from plait.models.encoder import MAX_SIZE
     from plait.models.inputs import input_spec
 
     spec = inputs if isinstance(inputs, dict) else input_spec(inputs)
     if list(spec["modalities"]) != ["image", "text"] or spec["shapes"][0] is None:
         raise ValueError(f"model.kind=fusion needs image-text pairs, the data give {' and '.join(spec['modalities'])}")
-    embed_dim = config.get("embed_dim", 128)
-    check_int("model.embed_dim", embed_dim, minimum=1, maximum=MAX_SIZE)
+    embed_dim = config.get("embed_dim", 128)  # checked by plait.models.build_model
     options = {"seed": seed, **(config.get("fusion") or {})}
     options.setdefault("embed_dim", embed_dim)
     options.setdefault("init_temperature", config.get("init_temperature", 0.07))
